@@ -1,0 +1,156 @@
+"""make_app: routes, middleware order, and the engine/scheduler lifecycle in cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from semcache import anthropic, middleware, openai
+from semcache.blas import BLAS_INFO, INSTALL_HINT, is_slow
+from semcache.config import Config
+from semcache.engine import Engine
+from semcache.errors import ApiError, Kind
+from semcache.keys import CONFIG, SERVICE
+from semcache.scheduler import Limits, Scheduler
+from semcache.serving import Service
+
+log = logging.getLogger("semcache")
+
+LOOP_TASK: web.AppKey[asyncio.Task] = web.AppKey("loop_task")
+LOAD_TASK: web.AppKey[asyncio.Task] = web.AppKey("load_task")
+# Set by `semcache serve` once the port is bound, so loading starts (and logs) after binding.
+BOUND: web.AppKey[asyncio.Event] = web.AppKey("bound")
+
+
+def make_app(config: Config, engine: Engine | None = None) -> web.Application:
+    """The whole HTTP app. Without `engine`, an MLXEngine on `config.model` is loaded after start-up."""
+    app = web.Application(
+        client_max_size=config.max_body,
+        middlewares=[middleware.request_context, middleware.errors, middleware.auth],
+    )
+    app[CONFIG] = config
+    if engine is None:
+        from semcache.engine import MLXEngine
+
+        engine = MLXEngine(config.model, prefill_chunk=config.prefill_chunk)
+    limits = Limits(
+        max_active=config.max_active,
+        kv_budget=config.kv_budget,
+        max_queue=config.max_queue,
+        max_queue_wait=config.max_queue_wait,
+        stream_buffer=config.stream_buffer,
+    )
+    app[SERVICE] = Service(config, engine, Scheduler(engine, limits))
+    app.on_response_prepare.append(middleware.add_request_id)
+    app.cleanup_ctx.append(_engine_lifecycle)
+    app.add_routes([
+        web.get("/health/live", health_live),
+        web.get("/health/startup", health_startup),
+        web.get("/health/ready", health_ready),
+        web.post("/v1/messages", anthropic.messages),
+        web.post("/v1/messages/count_tokens", anthropic.count_tokens),
+        web.post("/v1/chat/completions", openai.chat_completions),
+        web.post("/chat/completions", openai.chat_completions),
+        web.get("/v1/models", list_models),
+        web.get("/v1/models/{model_id}", get_model),
+        web.get("/models", list_models),
+    ])
+    return app
+
+
+async def _engine_lifecycle(app: web.Application):
+    """Load the model in the background (the port is bound first), run the loop, stop both at exit."""
+    service = app[SERVICE]
+    app[LOAD_TASK] = asyncio.create_task(_load_and_run(app, service))
+    yield
+    for key in (LOAD_TASK, LOOP_TASK):
+        task = app.get(key)
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+    await service.engine.close()
+
+
+async def _load_and_run(app: web.Application, service: Service) -> None:
+    if BOUND in app:
+        await app[BOUND].wait()
+    engine = service.engine
+    spec = service.config.model or "embedded SmolLM2-135M-Instruct"
+    log.info("model loading: %s", spec)
+    if is_slow(BLAS_INFO):
+        log.warning("BLAS: %s; CPU inference will be ~30x slower. Install OpenBLAS: %s", BLAS_INFO, INSTALL_HINT)
+    else:
+        log.info("BLAS: %s", BLAS_INFO)
+    try:
+        await engine.load()
+    except Exception as exc:  # the serve command awaits this task and exits non-zero
+        log.error("model failed to load: %s", exc)
+        raise
+    info = engine.info
+    log.info(
+        "model loaded in %.1f s: %s (%s, %.0f MB, %s on %s, context %d)",
+        getattr(engine, "load_seconds", 0.0) or 0.0, info.model_id, info.path,
+        info.nbytes / 1e6, info.dtype, info.backend, info.context_length,
+    )
+    service.scheduler.ready = True
+    app[LOOP_TASK] = asyncio.create_task(service.scheduler.run())
+    log.info("ready")
+
+
+def _health(service: Service, ok: bool, reason: str) -> web.Response:
+    scheduler = service.scheduler
+    body = {
+        "status": "ok" if ok else reason,
+        "queue_depth": scheduler.num_waiting,
+        "active": scheduler.num_running,
+        "model": service.model_id,
+    }
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def health_live(request: web.Request) -> web.Response:
+    return _health(request.app[SERVICE], True, "ok")
+
+
+async def health_startup(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return _health(service, service.loaded, "starting")
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    scheduler = service.scheduler
+    if not service.loaded:
+        return _health(service, False, "starting")
+    if scheduler.draining:
+        return _health(service, False, "draining")
+    return _health(service, not scheduler.queue_full, "queue_full")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    service.require_loaded()
+    info = service.engine.info
+    if "anthropic-version" in request.headers:
+        data = [anthropic.model_info(info.model_id, info.context_length)]
+        return web.json_response(
+            {"data": data, "has_more": False, "first_id": info.model_id, "last_id": info.model_id}
+        )
+    return web.json_response({"object": "list", "data": [openai.model_object(info.model_id)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    service.require_loaded()
+    info = service.engine.info
+    model_id = request.match_info["model_id"]
+    if model_id != info.model_id:
+        raise ApiError(Kind.NOT_FOUND, f"model '{model_id}' does not exist; this server serves '{info.model_id}'")
+    if "anthropic-version" in request.headers:
+        return web.json_response(anthropic.model_info(info.model_id, info.context_length))
+    return web.json_response(openai.model_object(info.model_id))

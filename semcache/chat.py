@@ -1,0 +1,94 @@
+"""Text side of generation: chat messages → token ids, incremental detokenizing, stop sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+class PromptRenderer:
+    """Renders a chat with the model's own template, then tokenizes without adding specials again."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def render(self, messages: list[ChatMessage]) -> list[int]:
+        """Token ids for `messages`; a trailing assistant message is continued, not closed."""
+        prefill = ""
+        if messages and messages[-1].role == "assistant":
+            prefill = messages[-1].content.rstrip()
+            messages = messages[:-1]
+        dicts = [{"role": m.role, "content": m.content} for m in messages]
+        text = self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text + prefill, add_special_tokens=False)
+
+
+class Detokenizer:
+    """Turns ids into text one token at a time, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return full[len(prefix) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :] if len(full) > len(prefix) else ""
+
+
+class StopMatcher:
+    """Finds stop strings across chunk boundaries; text that might start a stop string is held back."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Return (text safe to emit, matched stop string or None). After a match, stop feeding."""
+        if not self.stops:
+            return text, None
+        buf = self.pending + text
+        hits = [(buf.find(s), s) for s in self.stops if s in buf]
+        if hits:
+            index, stop = min(hits)
+            self.pending = ""
+            return buf[:index], stop
+        keep = self._held_back(buf)
+        self.pending = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], None
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _held_back(self, buf: str) -> int:
+        """Length of the longest suffix of buf that is a proper prefix of some stop string."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(buf)), longest, -1):
+                if buf.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest

@@ -1,0 +1,111 @@
+"""Config: one frozen Struct; defaults < TOML file < SEMCACHE_* env < command-line flags.
+
+Unknown keys are an error that names the key, wherever they come from. Sizes accept bytes or
+strings such as "4GiB"; lists accept TOML arrays or comma-separated env values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Mapping
+
+import msgspec
+from msgspec import Meta
+
+ENV_PREFIX = "SEMCACHE_"
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+          "tb": 1000**4, "tib": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_KEYS = ("kv_budget", "max_body")
+
+Positive = Annotated[int, Meta(ge=1)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the source."""
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    model: str | None = None
+    cache_dir: str = "~/.cache/semcache"
+    max_active: Positive = 16
+    kv_budget: Positive = 4 << 30
+    max_queue: Positive = 256
+    max_queue_wait: Seconds = 120.0
+    prefill_chunk: Positive = 256
+    default_max_tokens: Positive = 1024
+    max_body: Positive = 32 << 20
+    stream_buffer: Positive = 4096
+    backlog: Positive = 1024
+    api_keys: list[str] = []
+    log_level: str = "info"
+
+
+FIELDS = frozenset(Config.__struct_fields__)
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """Bytes from an int or a string like '512MiB' / '4 GB'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE_RE.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(f"{key}: {value!r} is not a size (try 4GiB, 512MiB or a byte count)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key == "config":  # the file's path, read by load_config
+            continue
+        if key not in FIELDS:
+            raise ConfigError(f"unknown config key {key!r} (from environment variable {name})")
+        out[key] = [s.strip() for s in raw.split(",") if s.strip()] if key == "api_keys" else raw
+    return out
+
+
+def _from_file(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    for key in data:
+        if key not in FIELDS:
+            raise ConfigError(f"unknown config key {key!r} (in {path})")
+    return data
+
+
+def load_config(
+    file: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge defaults < file < env < overrides (flags; None values are ignored) into a Config."""
+    environ = os.environ if environ is None else environ
+    file = file or environ.get(ENV_PREFIX + "CONFIG")
+    merged: dict[str, Any] = {}
+    env = _from_env(environ)
+    if file:
+        merged.update(_from_file(file))
+    merged.update(env)
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key in _SIZE_KEYS:
+        if key in merged:
+            merged[key] = parse_size(merged[key], key)
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc

@@ -1,0 +1,14 @@
+"""Typed application keys: every shared object lives under one of these, never in a global."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from semcache.config import Config
+    from semcache.serving import Service
+
+CONFIG: web.AppKey["Config"] = web.AppKey("config")
+SERVICE: web.AppKey["Service"] = web.AppKey("service")

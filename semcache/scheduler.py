@@ -1,0 +1,232 @@
+"""The scheduler loop: admit queued sequences within budgets, step the engine, route tokens back.
+
+Requests wait for capacity rather than fail: the only refusals are a full queue, a passed queue
+deadline, and a model that is not loaded yet (or a daemon that is draining), all as `Overloaded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from semcache.chat import Detokenizer, StopMatcher
+from semcache.engine import Admission, Engine
+from semcache.sequence import Finished, FinishReason, Sequence, Status
+
+log = logging.getLogger("semcache.scheduler")
+
+
+class Overloaded(Exception):
+    """Capacity refused the request; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooLarge(ValueError):
+    """The request can never run here (context or KV budget); a client error, not overload."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_active: int = 16
+    kv_budget: int = 4 << 30
+    max_queue: int = 256
+    max_queue_wait: float = 120.0
+    stream_buffer: int = 4096
+
+
+@dataclass(eq=False)
+class _Decoding:
+    """Per running sequence text state: detokenizer and stop-string matcher."""
+
+    detok: Detokenizer
+    stops: StopMatcher
+
+
+class Scheduler:
+    """Owns the priority queue and the loop task; `submit` / `abort` are its whole public surface."""
+
+    def __init__(self, engine: Engine, limits: Limits, clock: Callable[[], float] = time.monotonic):
+        self.engine = engine
+        self.limits = limits
+        self.clock = clock
+        self.queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
+        self.ready = False
+        self.draining = False
+        self._waiting: list[tuple[tuple, Sequence]] = []
+        self._num_waiting = 0
+        self._running: dict[int, Sequence] = {}
+        self._text: dict[int, _Decoding] = {}
+        self._release: list[int] = []
+        self._kv_reserved = 0
+        self.num_steps = 0
+
+    # Public surface -------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def queue_full(self) -> bool:
+        return self._num_waiting >= self.limits.max_queue
+
+    def kv_need(self, seq: Sequence) -> int:
+        info = self.engine.info
+        return (seq.num_prompt_tokens + seq.max_tokens) * (info.kv_bytes_per_token if info else 0)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise TooLarge when `seq` could never be admitted, so it fails now, not at its deadline."""
+        need = self.kv_need(seq)
+        if need > self.limits.kv_budget:
+            raise TooLarge(
+                f"prompt ({seq.num_prompt_tokens} tokens) plus max_tokens ({seq.max_tokens}) needs "
+                f"{need} bytes of KV cache, more than kv_budget ({self.limits.kv_budget} bytes)"
+            )
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one generation round per queue 'wave'."""
+        waves = self._num_waiting / max(1, self.limits.max_active)
+        return int(min(30, max(1, math.ceil(2 * waves))))
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue `seq` or raise Overloaded at once; never blocks."""
+        if not self.ready or self.draining:
+            reason = "the model is still loading" if not self.ready else "the server is shutting down"
+            raise Overloaded(reason, 2 if not self.ready else 5)
+        if self.queue_full:
+            raise Overloaded(f"the queue is full ({self.limits.max_queue} waiting)", self.retry_after())
+        self.check_fits(seq)
+        seq.arrival = self.clock()
+        seq.status = Status.WAITING
+        self._num_waiting += 1
+        self.queue.put_nowait((seq.sort_key(), seq))
+
+    async def wait_admitted(self, seq: Sequence) -> None:
+        """Wait until `seq` runs; past max_queue_wait abort it and raise Overloaded."""
+        remaining = seq.arrival + self.limits.max_queue_wait - self.clock()
+        try:
+            await asyncio.wait_for(asyncio.shield(seq.admitted), timeout=max(0.0, remaining))
+        except asyncio.TimeoutError:
+            self.abort(seq)
+            raise Overloaded(
+                f"the request waited {self.limits.max_queue_wait:g} s in the queue", self.retry_after()
+            ) from None
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop `seq` wherever it is; its slot is free before the next engine step. Idempotent."""
+        if seq.is_done:
+            return
+        if seq.status is Status.WAITING:
+            self._num_waiting -= 1
+        self._finish(seq, Finished(FinishReason.ABORT), Status.ABORTED)
+
+    # The loop --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Block on the queue only when nothing runs; otherwise admit, step, route, retire."""
+        while True:
+            if not self._running and not self._waiting and not self._release:
+                self._push(await self.queue.get())
+            self._drain_queue()
+            admit = self._admit()
+            release, self._release = self._release, []
+            if not admit and not self._running and not release:
+                continue
+            try:
+                tokens = await self.engine.step(admit, release)
+            except Exception as exc:  # an engine failure ends the sequences it touched, not the loop
+                log.exception("engine step failed")
+                self._fail_running(f"engine error: {exc}")
+                continue
+            self.num_steps += 1
+            for seq_id, token in tokens.items():
+                seq = self._running.get(seq_id)
+                if seq is not None:
+                    self._on_token(seq, token)
+
+    def _push(self, item: tuple[tuple, Sequence]) -> None:
+        heapq.heappush(self._waiting, item)
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._push(self.queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return
+
+    def _admit(self) -> list[Admission]:
+        """Pop waiting sequences in priority order while slots and KV budget allow (no skipping)."""
+        admitted: list[Admission] = []
+        while self._waiting:
+            _, seq = self._waiting[0]
+            if seq.is_done:
+                heapq.heappop(self._waiting)
+                continue
+            need = self.kv_need(seq)
+            if len(self._running) >= self.limits.max_active or self._kv_reserved + need > self.limits.kv_budget:
+                break
+            heapq.heappop(self._waiting)
+            self._num_waiting -= 1
+            self._kv_reserved += need
+            seq.status = Status.RUNNING
+            seq.admitted_at = self.clock()
+            self._running[seq.seq_id] = seq
+            tokenizer = self.engine.tokenizer
+            self._text[seq.seq_id] = _Decoding(Detokenizer(tokenizer), StopMatcher(seq.stop))
+            if not seq.admitted.done():
+                seq.admitted.set_result(None)
+            admitted.append(Admission(seq.seq_id, seq.prompt_ids, seq.sampling))
+        return admitted
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = self.clock()
+        if seq.max_tokens <= 0:
+            return self._finish(seq, Finished(FinishReason.LENGTH))
+        seq.output_ids.append(token)
+        text = self._text[seq.seq_id]
+        if token in self.engine.info.eos_token_ids:
+            return self._finish(seq, Finished(FinishReason.END))
+        delta, stop = text.stops.feed(text.detok.add(token))
+        self._emit(seq, delta)
+        if stop is not None:
+            return self._finish(seq, Finished(FinishReason.STOP_SEQUENCE, stop_sequence=stop))
+        at_context = seq.num_prompt_tokens + seq.num_output_tokens >= self.engine.info.context_length
+        if seq.num_output_tokens >= seq.max_tokens or at_context:
+            return self._finish(seq, Finished(FinishReason.LENGTH))
+        if seq.events.qsize() > self.limits.stream_buffer:
+            self._finish(seq, Finished(FinishReason.ERROR, error="the client is reading too slowly"))
+
+    def _emit(self, seq: Sequence, delta: str) -> None:
+        if delta:
+            seq.events.put_nowait(delta)
+
+    def _finish(self, seq: Sequence, finished: Finished, status: Status = Status.FINISHED) -> None:
+        text = self._text.pop(seq.seq_id, None)
+        if text is not None and finished.reason in (FinishReason.END, FinishReason.LENGTH):
+            tail, stop = text.stops.feed(text.detok.flush())
+            self._emit(seq, tail + (text.stops.flush() if stop is None else ""))
+        if self._running.pop(seq.seq_id, None) is not None:
+            self._kv_reserved -= self.kv_need(seq)
+            self._release.append(seq.seq_id)
+        seq.status = status
+        seq.finished = finished
+        seq.events.put_nowait(finished)
+        if not seq.admitted.done():
+            seq.admitted.set_result(None)
+
+    def _fail_running(self, message: str) -> None:
+        for seq in list(self._running.values()):
+            self._finish(seq, Finished(FinishReason.ERROR, error=message))

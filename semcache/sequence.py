@@ -1,0 +1,94 @@
+"""Sequence: one request's journey through the scheduler, and the events it sends back up."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+_ids = itertools.count(1)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+class FinishReason(enum.Enum):
+    """Why generation ended; each dialect maps it (end_turn/stop, max_tokens/length, ...)."""
+
+    END = "end"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a sequence."""
+
+    reason: FinishReason
+    stop_sequence: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request as the scheduler sees it: prompt ids in, text deltas and one Finished event out."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    priority: int = 0
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finished: Finished | None = None
+    arrival: float = 0.0
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    admitted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def is_done(self) -> bool:
+        return self.status in (Status.FINISHED, Status.ABORTED)
+
+    def sort_key(self) -> tuple[int, float, int]:
+        return (self.priority, self.arrival, self.seq_id)
+
+    async def stream(self):
+        """Yield text deltas until the sequence ends; then `self.finished` says why."""
+        while True:
+            event = await self.events.get()
+            if isinstance(event, Finished):
+                return
+            yield event
+
+    async def text(self) -> str:
+        return "".join([delta async for delta in self.stream()])

@@ -1,0 +1,134 @@
+"""The dialect-neutral half of a request: decode, tokenize, check limits, queue, wait for a slot.
+
+anthropic.py and openai.py turn their bodies into a `Generation`, call `Service.start`, and render
+the resulting Sequence's text and `Finished` event back in their own format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+
+from semcache.chat import ChatMessage, PromptRenderer
+from semcache.config import Config
+from semcache.engine import Engine
+from semcache.errors import ApiError, Kind, invalid
+from semcache.scheduler import Overloaded, Scheduler, TooLarge
+from semcache.sequence import Finished, FinishReason, SamplingParams, Sequence
+
+T = TypeVar("T")
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+PRIORITY_RANGE = (0, 9)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What both dialects ask for, once decoded."""
+
+    messages: list[ChatMessage]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    priority: int = 0
+
+
+def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode a request body once; msgspec's message names the JSON path of the bad field."""
+    if not raw.strip():
+        raise invalid("the request body is empty; expected a JSON object")
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        match = _PATH_RE.search(str(exc))
+        raise invalid(str(exc), param=match.group(1) if match else None) from None
+    except msgspec.DecodeError as exc:
+        raise invalid(f"the request body is not valid JSON: {exc}") from None
+
+
+def parse_priority(header: str | None, body_value: int | None) -> int:
+    """X-Priority header wins over a body `priority`; lower is served first; default 0."""
+    raw: Any = header if header is not None else body_value
+    if raw is None:
+        return 0
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise invalid(f"priority must be an integer, got {raw!r}", param="priority") from None
+    low, high = PRIORITY_RANGE
+    if not low <= value <= high:
+        raise invalid(f"priority must be between {low} and {high}, got {value}", param="priority")
+    return value
+
+
+def failure(finished: Finished) -> ApiError:
+    """The API error for a sequence that ended without an answer (aborted by the server, or failed)."""
+    if finished.reason is FinishReason.ABORT:
+        return ApiError(Kind.OVERLOADED, "the request was cancelled by the server", retry_after=5)
+    return ApiError(Kind.INTERNAL, finished.error or "generation failed")
+
+
+class Service:
+    """What handlers need from the layers below, in one place (lives under an AppKey)."""
+
+    def __init__(self, config: Config, engine: Engine, scheduler: Scheduler):
+        self.config = config
+        self.engine = engine
+        self.scheduler = scheduler
+        self._renderer: PromptRenderer | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine.info is not None and self.scheduler.ready
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.info.model_id if self.engine.info else "loading"
+
+    def require_loaded(self) -> None:
+        if not self.loaded:
+            raise ApiError(Kind.OVERLOADED, "the model is still loading", retry_after=2)
+
+    async def tokenize(self, messages: list[ChatMessage]) -> list[int]:
+        """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes)."""
+        self.require_loaded()
+        if self._renderer is None:
+            self._renderer = PromptRenderer(self.engine.tokenizer)
+        try:
+            return await asyncio.to_thread(self._renderer.render, messages)
+        except ApiError:
+            raise
+        except Exception as exc:  # jinja templates raise on histories they do not accept
+            raise invalid(f"the chat template rejected these messages: {exc}", param="messages") from None
+
+    async def start(self, gen: Generation) -> Sequence:
+        """Queue the generation and wait for its slot; the caller must abort the Sequence when done."""
+        prompt_ids = await self.tokenize(gen.messages)
+        context = self.engine.info.context_length
+        if len(prompt_ids) >= context:
+            raise invalid(
+                f"prompt is too long: {len(prompt_ids)} tokens, but the model's context window is "
+                f"{context} tokens (at least one must be left to generate)",
+                param="messages",
+            )
+        seq = Sequence(
+            prompt_ids=prompt_ids,
+            max_tokens=min(gen.max_tokens, context - len(prompt_ids)),
+            sampling=gen.sampling,
+            stop=gen.stop,
+            priority=gen.priority,
+        )
+        try:
+            self.scheduler.submit(seq)
+            await self.scheduler.wait_admitted(seq)
+        except Overloaded as exc:
+            raise ApiError(Kind.OVERLOADED, f"overloaded: {exc}", retry_after=exc.retry_after) from None
+        except TooLarge as exc:
+            raise invalid(str(exc), param="max_tokens") from None
+        except BaseException:
+            self.scheduler.abort(seq)
+            raise
+        return seq

@@ -1,0 +1,133 @@
+"""Shared fixtures: the real tokenizer, a fake engine that replays canned replies, live servers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from contextlib import contextmanager
+
+import pytest
+from aiohttp import web
+
+from semcache.config import Config
+from semcache.engine import Admission, ModelInfo
+
+FAKE_REPLY = "The quick brown fox jumps over the lazy dog."
+EOS = 2
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from semcache.models import embedded_model_path, load_gguf_tokenizer
+
+    return load_gguf_tokenizer(embedded_model_path())
+
+
+class FakeEngine:
+    """Engine protocol without a model: each sequence replays `reply` then EOS, one token a step.
+
+    Records every step's admissions and releases so tests can check what the scheduler did.
+    """
+
+    def __init__(self, tokenizer, reply: str = FAKE_REPLY, step_delay: float = 0.0,
+                 context_length: int = 8192, kv_bytes_per_token: int = 1000, load_delay: float = 0.0):
+        self.tokenizer = tokenizer
+        self.reply_ids = tokenizer.encode(reply, add_special_tokens=False) + [EOS]
+        self.step_delay = step_delay
+        self.load_delay = load_delay
+        self._info = ModelInfo("fake-model", context_length, frozenset({0, EOS}), kv_bytes_per_token)
+        self.info: ModelInfo | None = None
+        self.active: dict[int, int] = {}  # seq_id -> tokens produced
+        self.admitted: list[int] = []
+        self.released: list[int] = []
+        self.num_steps = 0
+        self.fail_next_step = False
+        self.closed = False
+
+    async def load(self) -> None:
+        await asyncio.sleep(self.load_delay)
+        self.info = self._info
+
+    async def step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
+        self.num_steps += 1
+        for seq_id in release:
+            self.active.pop(seq_id, None)
+            self.released.append(seq_id)
+        for a in admit:
+            self.active[a.seq_id] = 0
+            self.admitted.append(a.seq_id)
+        await asyncio.sleep(self.step_delay)
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("injected engine failure")
+        out = {}
+        for seq_id, produced in self.active.items():
+            out[seq_id] = self.reply_ids[min(produced, len(self.reply_ids) - 1)]
+            self.active[seq_id] = produced + 1
+        return out
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_engine(tokenizer):
+    return FakeEngine(tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_ready(app: web.Application, timeout: float = 10.0) -> None:
+    from semcache.keys import SERVICE
+
+    service = app[SERVICE]
+    for _ in range(int(timeout / 0.01)):
+        if service.loaded:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the app did not become ready")
+
+
+@contextmanager
+def serve_in_thread(app: web.Application):
+    """Run `app` on 127.0.0.1 in a background thread (for the sync SDK clients); yield its base URL."""
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    runner = web.AppRunner(app, handler_cancellation=True)
+
+    async def start():
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await wait_ready(app)
+        started.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert started.wait(20), "server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(20)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.fixture
+def make_client(aiohttp_client, tokenizer):
+    """Build an app on a FakeEngine with config overrides and return a ready test client."""
+    from semcache.app import make_app
+
+    async def factory(engine=None, **overrides):
+        engine = engine or FakeEngine(tokenizer)
+        app = make_app(Config(**overrides), engine=engine)
+        client = await aiohttp_client(app)
+        await wait_ready(app)
+        return client
+
+    return factory

@@ -1,0 +1,59 @@
+"""Prompt rendering, incremental detokenizing and stop-string matching."""
+
+from semcache.chat import ChatMessage, Detokenizer, PromptRenderer, StopMatcher
+
+
+class TestDetokenizer:
+    def test_token_by_token_text_equals_whole_decode(self, tokenizer):
+        """Concatenated deltas equal decoding all ids at once, multi-byte characters included."""
+        text = "Grüße, 東京! 🚀 naïve café — ok"
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        detok = Detokenizer(tokenizer)
+        out = "".join(detok.add(i) for i in ids) + detok.flush()
+        assert out == text
+
+    def test_never_emits_replacement_characters_mid_character(self, tokenizer):
+        """A split UTF-8 character is held back until complete, never sent as U+FFFD."""
+        ids = tokenizer.encode("🚀🚀", add_special_tokens=False)
+        detok = Detokenizer(tokenizer)
+        assert all("\ufffd" not in detok.add(i) for i in ids)
+
+
+class TestStopMatcher:
+    def test_stop_split_across_chunks_is_found_and_not_returned(self):
+        """A stop string split over two chunks is matched; text before it is kept, the stop is not."""
+        m = StopMatcher(("END",))
+        out1, hit1 = m.feed("hello E")
+        out2, hit2 = m.feed("ND tail")
+        assert (out1, hit1) == ("hello ", None)
+        assert (out2, hit2) == ("", "END")
+
+    def test_partial_match_that_fails_is_released(self):
+        """Held-back text that turns out not to be a stop is emitted later, in order."""
+        m = StopMatcher(("STOP",))
+        assert m.feed("ab ST") == ("ab ", None)
+        assert m.feed("ART") == ("START", None)
+        assert m.flush() == ""
+
+    def test_earliest_of_several_stops_wins(self):
+        """With several stop strings, the one that occurs first in the text is reported."""
+        m = StopMatcher(("world", "lo"))
+        assert m.feed("hello world") == ("hel", "lo")
+
+    def test_no_stops_passes_text_through(self):
+        """Without stop strings text is never held back."""
+        assert StopMatcher(()).feed("abc") == ("abc", None)
+
+
+class TestPromptRenderer:
+    def test_uses_the_models_chat_template(self, tokenizer):
+        """A user turn renders with ChatML and ends with the assistant header."""
+        ids = PromptRenderer(tokenizer).render([ChatMessage("user", "Hi")])
+        text = tokenizer.decode(ids)
+        assert text.startswith("<|im_start|>system\n")
+        assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+    def test_trailing_assistant_message_is_continued(self, tokenizer):
+        """A final assistant message is a prefill: the prompt ends with its text, not a closed turn."""
+        ids = PromptRenderer(tokenizer).render([ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello")])
+        assert tokenizer.decode(ids).endswith("<|im_start|>assistant\nHello")

@@ -1,0 +1,205 @@
+"""The scheduler loop on a fake engine: order, budgets, refusals, aborts."""
+
+import asyncio
+
+import pytest
+
+from semcache.scheduler import Limits, Overloaded, Scheduler, TooLarge
+from semcache.sequence import FinishReason, Sequence, Status
+from tests.conftest import FakeEngine
+
+
+async def started(engine, **limits) -> tuple[Scheduler, asyncio.Task]:
+    await engine.load()
+    scheduler = Scheduler(engine, Limits(**limits))
+    scheduler.ready = True
+    return scheduler, asyncio.create_task(scheduler.run())
+
+
+def seq(n_prompt=10, max_tokens=4, priority=0) -> Sequence:
+    return Sequence(prompt_ids=list(range(1, n_prompt + 1)), max_tokens=max_tokens, priority=priority)
+
+
+@pytest.fixture
+async def stop_tasks():
+    tasks = []
+    yield tasks
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class TestScheduler:
+    async def test_generates_until_max_tokens(self, tokenizer, stop_tasks):
+        """A sequence gets exactly max_tokens tokens and finishes with LENGTH."""
+        scheduler, task = await started(FakeEngine(tokenizer))
+        stop_tasks.append(task)
+        s = seq(max_tokens=3)
+        scheduler.submit(s)
+        text = await s.text()
+        assert s.num_output_tokens == 3
+        assert s.finished.reason is FinishReason.LENGTH
+        assert text == "The quick brown"
+
+    async def test_eos_ends_with_end(self, tokenizer, stop_tasks):
+        """The reply ends at EOS with END and the whole canned text."""
+        scheduler, task = await started(FakeEngine(tokenizer))
+        stop_tasks.append(task)
+        s = seq(max_tokens=100)
+        scheduler.submit(s)
+        assert await s.text() == "The quick brown fox jumps over the lazy dog."
+        assert s.finished.reason is FinishReason.END
+
+    async def test_stop_sequence_ends_and_is_not_returned(self, tokenizer, stop_tasks):
+        """A stop string across token boundaries ends generation and is reported."""
+        scheduler, task = await started(FakeEngine(tokenizer))
+        stop_tasks.append(task)
+        s = Sequence(prompt_ids=[1, 2], max_tokens=100, stop=("wn fo",))
+        scheduler.submit(s)
+        assert await s.text() == "The quick bro"
+        assert (s.finished.reason, s.finished.stop_sequence) == (FinishReason.STOP_SEQUENCE, "wn fo")
+
+    async def test_priority_then_fifo(self, tokenizer, stop_tasks):
+        """With one slot, lower priority values run first, and arrival order within a priority."""
+        engine = FakeEngine(tokenizer)
+        scheduler, task = await started(engine, max_active=1)
+        stop_tasks.append(task)
+        blocker = seq(max_tokens=3)
+        scheduler.submit(blocker)
+        await asyncio.sleep(0)
+        seqs = [seq(priority=p) for p in (5, 1, 5, 0, 1)]
+        for s in seqs:
+            scheduler.submit(s)
+        await asyncio.gather(*(s.text() for s in seqs + [blocker]))
+        order = [s.seq_id for s in sorted(seqs, key=lambda s: (s.priority, seqs.index(s)))]
+        assert engine.admitted == [blocker.seq_id] + order
+
+    async def test_max_active_is_never_exceeded(self, tokenizer, stop_tasks):
+        """No more than max_active sequences run at once; the rest wait and are all served."""
+        engine = FakeEngine(tokenizer, step_delay=0.001)
+        scheduler, task = await started(engine, max_active=3)
+        stop_tasks.append(task)
+        seen = []
+        orig = engine.step
+
+        async def spy(admit, release):
+            out = await orig(admit, release)
+            seen.append(len(engine.active))
+            return out
+
+        engine.step = spy
+        seqs = [seq(max_tokens=5) for _ in range(10)]
+        for s in seqs:
+            scheduler.submit(s)
+        await asyncio.gather(*(s.text() for s in seqs))
+        assert max(seen) == 3
+        assert all(s.num_output_tokens == 5 for s in seqs)
+
+    async def test_kv_budget_limits_admission(self, tokenizer, stop_tasks):
+        """Sequences are admitted only while their reserved KV bytes fit kv_budget."""
+        engine = FakeEngine(tokenizer, kv_bytes_per_token=100)
+        # each needs (10 + 10) * 100 = 2000 bytes; budget 5000 fits two at a time
+        scheduler, task = await started(engine, kv_budget=5000)
+        stop_tasks.append(task)
+        peak = 0
+        orig = engine.step
+
+        async def spy(admit, release):
+            nonlocal peak
+            out = await orig(admit, release)
+            peak = max(peak, len(engine.active))
+            return out
+
+        engine.step = spy
+        seqs = [seq(max_tokens=10) for _ in range(5)]
+        for s in seqs:
+            scheduler.submit(s)
+        await asyncio.gather(*(s.text() for s in seqs))
+        assert peak == 2
+
+    async def test_request_that_can_never_fit_is_refused_at_once(self, tokenizer, stop_tasks):
+        """A sequence larger than the whole KV budget is TooLarge at submit, not a timeout."""
+        scheduler, task = await started(FakeEngine(tokenizer, kv_bytes_per_token=100), kv_budget=1000)
+        stop_tasks.append(task)
+        with pytest.raises(TooLarge, match="kv_budget"):
+            scheduler.submit(seq(n_prompt=10, max_tokens=10))
+
+    async def test_full_queue_refuses_immediately_with_retry_after(self, tokenizer, stop_tasks):
+        """Past max_queue waiting requests, submit raises Overloaded with a positive retry_after."""
+        engine = FakeEngine(tokenizer, step_delay=0.05)
+        scheduler, task = await started(engine, max_active=1, max_queue=2)
+        stop_tasks.append(task)
+        scheduler.submit(seq(max_tokens=50))
+        await asyncio.sleep(0.01)
+        scheduler.submit(seq())
+        scheduler.submit(seq())
+        assert scheduler.queue_full
+        with pytest.raises(Overloaded) as info:
+            scheduler.submit(seq())
+        assert info.value.retry_after >= 1
+
+    async def test_queue_deadline_refuses_and_frees_the_place(self, tokenizer, stop_tasks):
+        """A request still waiting after max_queue_wait is refused and leaves the queue."""
+        engine = FakeEngine(tokenizer, step_delay=0.02)
+        scheduler, task = await started(engine, max_active=1, max_queue_wait=0.1)
+        stop_tasks.append(task)
+        scheduler.submit(seq(max_tokens=100))
+        waiting = seq()
+        scheduler.submit(waiting)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(Overloaded, match="waited"):
+            await scheduler.wait_admitted(waiting)
+        assert 0.09 < loop.time() - t0 < 0.5
+        assert waiting.status is Status.ABORTED
+        assert scheduler.num_waiting == 0
+
+    async def test_abort_frees_the_slot_before_the_next_step(self, tokenizer, stop_tasks):
+        """Aborting a running sequence releases it in the very next engine step."""
+        engine = FakeEngine(tokenizer, step_delay=0.01)
+        scheduler, task = await started(engine, max_active=1)
+        stop_tasks.append(task)
+        first, second = seq(max_tokens=1000), seq(max_tokens=2)
+        scheduler.submit(first)
+        scheduler.submit(second)
+        await scheduler.wait_admitted(first)
+        await asyncio.sleep(0.03)
+        scheduler.abort(first)
+        assert scheduler.num_running == 0
+        await scheduler.wait_admitted(second)
+        assert engine.released[0] == first.seq_id
+        await second.text()
+        assert first.finished.reason is FinishReason.ABORT
+
+    async def test_not_ready_refuses(self, tokenizer):
+        """Before the model is loaded, submit raises Overloaded."""
+        scheduler = Scheduler(FakeEngine(tokenizer), Limits())
+        with pytest.raises(Overloaded, match="loading"):
+            scheduler.submit(seq())
+
+    async def test_engine_failure_ends_running_sequences_and_loop_survives(self, tokenizer, stop_tasks):
+        """An exception in a step ends the running sequences with ERROR; later requests still work."""
+        engine = FakeEngine(tokenizer)
+        scheduler, task = await started(engine)
+        stop_tasks.append(task)
+        engine.fail_next_step = True
+        s = seq()
+        scheduler.submit(s)
+        await s.text()
+        assert s.finished.reason is FinishReason.ERROR
+        t = seq(max_tokens=2)
+        scheduler.submit(t)
+        await t.text()
+        assert t.finished.reason is FinishReason.LENGTH
+
+    async def test_slow_reader_is_aborted(self, tokenizer, stop_tasks):
+        """A stream whose unread buffer passes stream_buffer is ended with an error."""
+        engine = FakeEngine(tokenizer, reply="a" * 400)
+        scheduler, task = await started(engine, stream_buffer=5)
+        stop_tasks.append(task)
+        s = seq(max_tokens=1000)
+        scheduler.submit(s)
+        while not s.is_done:
+            await asyncio.sleep(0.001)
+        assert s.finished.reason is FinishReason.ERROR
+        assert "slowly" in s.finished.error
