@@ -18,7 +18,7 @@ from semcache.serving import Service
 
 log = logging.getLogger("semcache")
 
-LOOP_TASK: web.AppKey[asyncio.Task] = web.AppKey("loop_task")
+# Loads the model, then runs the scheduler loop; it ends only by error or cancellation.
 LOAD_TASK: web.AppKey[asyncio.Task] = web.AppKey("load_task")
 # Set by `semcache serve` once the port is bound, so loading starts (and logs) after binding.
 BOUND: web.AppKey[asyncio.Event] = web.AppKey("bound")
@@ -61,18 +61,16 @@ def make_app(config: Config, engine: Engine | None = None) -> web.Application:
 
 
 async def _engine_lifecycle(app: web.Application):
-    """Load the model in the background (the port is bound first), run the loop, stop both at exit."""
+    """Load the model and run the loop in one background task (the port is bound first); stop it at exit."""
     service = app[SERVICE]
     app[LOAD_TASK] = asyncio.create_task(_load_and_run(app, service))
     yield
-    for key in (LOAD_TASK, LOOP_TASK):
-        task = app.get(key)
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+    task = app[LOAD_TASK]
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
     await service.engine.close()
 
 
@@ -98,8 +96,8 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
         info.nbytes / 1e6, info.dtype, info.backend, info.context_length,
     )
     service.scheduler.ready = True
-    app[LOOP_TASK] = asyncio.create_task(service.scheduler.run())
     log.info("ready")
+    await service.scheduler.run()
 
 
 def _health(service: Service, ok: bool, reason: str) -> web.Response:

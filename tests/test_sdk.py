@@ -1,0 +1,113 @@
+"""The official anthropic and openai SDKs against a live server (fake engine) on 127.0.0.1."""
+
+import anthropic
+import openai
+import pytest
+
+from semcache.app import make_app
+from semcache.config import Config
+from tests.conftest import FAKE_REPLY, FakeEngine, serve_in_thread
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def base_url(tokenizer):
+    with serve_in_thread(make_app(Config(max_queue=1, max_active=1), engine=FakeEngine(tokenizer))) as url:
+        yield url
+
+
+@pytest.fixture
+def claude(base_url):
+    return anthropic.Anthropic(base_url=base_url, api_key="test", max_retries=0)
+
+
+@pytest.fixture
+def oai(base_url):
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="test", max_retries=0)
+
+
+class TestAnthropicSDK:
+    def test_create(self, claude):
+        """messages.create parses the response into a Message."""
+        msg = claude.messages.create(model="claude-x", max_tokens=64, messages=USER,
+                                     extra_body={"temperature": 0})
+        assert msg.content[0].text == FAKE_REPLY
+        assert msg.stop_reason == "end_turn" and msg.model == "claude-x"
+        assert msg.usage.output_tokens == 11
+
+    def test_stream_helper_final_message(self, claude):
+        """messages.stream() yields the text and assembles the final message with usage."""
+        with claude.messages.stream(model="m", max_tokens=64, messages=USER) as stream:
+            pieces = list(stream.text_stream)
+            final = stream.get_final_message()
+        assert "".join(pieces) == FAKE_REPLY
+        assert final.content[0].text == FAKE_REPLY and final.usage.output_tokens == 11
+
+    def test_stop_sequence(self, claude):
+        """stop_sequences are honoured and reported."""
+        msg = claude.messages.create(model="m", max_tokens=64, messages=USER, stop_sequences=["jumps"])
+        assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == "jumps"
+        assert msg.content[0].text == "The quick brown fox "
+
+    def test_count_tokens(self, claude):
+        """count_tokens matches the usage of the same prompt."""
+        counted = claude.messages.count_tokens(model="m", messages=USER, system="be nice")
+        msg = claude.messages.create(model="m", max_tokens=1, messages=USER, system="be nice")
+        assert counted.input_tokens == msg.usage.input_tokens
+
+    def test_models(self, claude):
+        """models.list and models.retrieve parse in the Anthropic shape."""
+        assert [m.id for m in claude.models.list()] == ["fake-model"]
+        assert claude.models.retrieve("fake-model").id == "fake-model"
+        with pytest.raises(anthropic.NotFoundError):
+            claude.models.retrieve("other")
+
+    def test_bad_request(self, claude):
+        """A malformed body raises BadRequestError, also for stream=True."""
+        with pytest.raises(anthropic.BadRequestError):
+            claude.messages.create(model="m", max_tokens=5, messages=["hi"], stream=True)
+
+    def test_old_sdk_style_headers(self, base_url):
+        """x-api-key with anthropic-version 2023-06-01 (the 0.x SDK style) is accepted."""
+        client = anthropic.Anthropic(base_url=base_url, api_key="k", max_retries=0,
+                                     default_headers={"anthropic-version": "2023-06-01", "x-api-key": "k"})
+        assert client.messages.create(model="m", max_tokens=3, messages=USER).usage.output_tokens == 3
+
+
+class TestOpenAISDK:
+    def test_create(self, oai):
+        """chat.completions.create parses; max_tokens gives finish_reason length."""
+        r = oai.chat.completions.create(model="gpt-x", messages=USER, max_tokens=3, temperature=0, seed=1)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+        assert r.model == "gpt-x"
+
+    def test_stream_helper(self, oai):
+        """The stream() helper accumulates content with role 'assistant' (sent once)."""
+        with oai.chat.completions.stream(model="m", messages=USER,
+                                         stream_options={"include_usage": True}) as stream:
+            for _ in stream:
+                pass
+            final = stream.get_final_completion()
+        assert final.choices[0].message.content == FAKE_REPLY
+        assert final.choices[0].message.role == "assistant"
+        assert final.usage.completion_tokens == 11
+
+    def test_raw_stream_equals_non_stream(self, oai):
+        """Streamed deltas concatenate to the non-streamed text."""
+        chunks = oai.chat.completions.create(model="m", messages=USER, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        full = oai.chat.completions.create(model="m", messages=USER).choices[0].message.content
+        assert text == full == FAKE_REPLY
+
+    def test_models(self, oai):
+        """models.list parses in the OpenAI shape."""
+        assert [m.id for m in oai.models.list()] == ["fake-model"]
+
+    def test_errors(self, oai):
+        """Malformed and unsupported requests raise BadRequestError with our message."""
+        with pytest.raises(openai.BadRequestError, match="stream_options"):
+            oai.chat.completions.create(model="m", messages=USER, stream_options={"include_usage": True})
+        with pytest.raises(openai.BadRequestError, match="tools"):
+            oai.chat.completions.create(model="m", messages=USER, tools=[
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
