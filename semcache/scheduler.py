@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from semcache.chat import Detokenizer, StopMatcher
-from semcache.engine import Admission, Engine
+from semcache.batch import Admission
+from semcache.engine import Engine
 from semcache.sequence import Finished, FinishReason, Sequence, Status
 
 log = logging.getLogger("semcache.scheduler")

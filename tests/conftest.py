@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 
 from semcache.config import Config
-from semcache.engine import Admission, ModelInfo
+from semcache.batch import Admission
+from semcache.engine import ModelInfo
 
 FAKE_REPLY = "The quick brown fox jumps over the lazy dog."
 EOS = 2

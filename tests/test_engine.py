@@ -11,7 +11,8 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from semcache.engine import Admission, MLXEngine, kv_bytes_per_token
+from semcache.batch import Admission
+from semcache.engine import MLXEngine, kv_bytes_per_token
 from semcache.models import LoadedModel
 from semcache.sequence import SamplingParams
 
@@ -29,14 +30,14 @@ def tiny_model():
     return model
 
 
-@pytest.fixture(scope="module")
-def engine(tokenizer):
+@pytest.fixture(scope="module", params=[7, 512], ids=["chunked-prefill", "grouped-prefill"])
+def engine(tokenizer, request):
     def loader(_spec):
         return LoadedModel(model=tiny_model(), tokenizer=tokenizer, model_id="tiny", path="", context_length=512,
                            eos_token_ids=frozenset({2}), fingerprint="tiny", backend="cpu", dtype="float32",
                            nbytes=0)
 
-    eng = MLXEngine(None, prefill_chunk=7, loader=loader)
+    eng = MLXEngine(None, prefill_chunk=request.param, loader=loader)
     asyncio.run(eng.load())
     yield eng
     asyncio.run(eng.close())
@@ -81,22 +82,22 @@ class TestTinyModel:
 
         def batched():
             captured = {i: [] for i in range(len(ps))}
-            orig = engine._sample
+            orig = engine.batcher._sample
 
             def spy(logits, rows):
                 for row, lg in zip(rows, np.array(logits)):
                     captured[row.seq_id].append(lg)
                 return orig(logits, rows)
 
-            engine._sample = spy
+            engine.batcher._sample = spy
             try:
                 admit = [Admission(i, p, GREEDY) for i, p in enumerate(ps)]
                 while min(len(v) for v in captured.values()) < steps:
-                    engine.step_sync(admit, [])
+                    engine.batcher.step(admit, [])
                     admit = []
-                engine.step_sync([], list(range(len(ps))))
+                engine.batcher.step([], list(range(len(ps))))
             finally:
-                engine._sample = orig
+                engine.batcher._sample = orig
             return captured
 
         captured = engine._executor.submit(batched).result()
@@ -114,11 +115,11 @@ class TestTinyModel:
             tokens = {i: [] for i in range(3)}
             admit = [Admission(i, ps[i], GREEDY) for i in range(3)]
             for step in range(12):
-                out = engine.step_sync(admit, [1] if step == 5 else [])
+                out = engine.batcher.step(admit, [1] if step == 5 else [])
                 admit = []
                 for k, v in out.items():
                     tokens[k].append(v)
-            engine.step_sync([], [0, 2])
+            engine.batcher.step([], [0, 2])
             return tokens
 
         tokens = engine._executor.submit(run).result()
@@ -135,9 +136,9 @@ class TestTinyModel:
             out = []
             admit = [Admission(seq_id, p, params)]
             for _ in range(8):
-                out.append(engine.step_sync(admit, [])[seq_id])
+                out.append(engine.batcher.step(admit, [])[seq_id])
                 admit = []
-            engine.step_sync([], [seq_id])
+            engine.batcher.step([], [seq_id])
             return out
 
         a = engine._executor.submit(sample, 42, 100).result()

@@ -1,0 +1,1 @@
+"""Benchmark scripts that write JSON reports (run from the repository root: python -m perf ...)."""

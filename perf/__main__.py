@@ -1,0 +1,25 @@
+"""python -m perf serving --out report.json [--runs 3] [--max-tokens 64] [--no-peer]"""
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m perf")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serving = sub.add_parser("serving", help="serving core benchmark vs bare mlx-lm and mlx_lm.server")
+    serving.add_argument("--out", type=Path, default=Path("perf-serving.json"))
+    serving.add_argument("--runs", type=int, default=3)
+    serving.add_argument("--max-tokens", type=int, default=64)
+    serving.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
+    args = parser.parse_args()
+    from perf import serving as bench
+
+    report = bench.run(args.out, runs=args.runs, max_tokens=args.max_tokens, peer=not args.no_peer)
+    print(json.dumps(report["summary"], indent=2))
+    print(f"report written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The running batch, on the MLX thread only: prefill (batched or chunked) and batched decode.
+
+One `step`: drop released sequences; one decode step for every decoding sequence together; then
+prompt work bounded by `prefill_chunk` tokens: either one chunk of a long prompt, or several short
+prompts prefilled together (left-padded, masked), which then join the decode batch. Prefill computes
+logits only for the last position (the vocabulary projection is a fifth of the model's work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from semcache.sampling import sample_row
+from semcache.sequence import SamplingParams
+
+# Model families whose __call__ is exactly `head(model.model(x))`; others go through model(x).
+_SPLITTABLE = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A sequence the scheduler hands the engine: prefill these ids, then decode with `sampling`."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass(eq=False)
+class Row:
+    """A sequence's sampling state (its PRNG key advances once per sampled token)."""
+
+    seq_id: int
+    sampling: SamplingParams
+    key: Any = None
+
+
+@dataclass(eq=False)
+class _Prefill:
+    admission: Admission
+    row: Row
+    cache: list[Any] | None = None
+    done: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.admission.prompt_ids) - self.done
+
+
+@dataclass(eq=False)
+class _Decoding:
+    rows: list[Row] = field(default_factory=list)
+    cache: list[BatchKVCache] | None = None
+    inputs: Any = None  # mx.array [B]: the last sampled token of each row
+
+
+class Batcher:
+    """All MLX state for continuous batching. Not thread-safe: call only from the MLX thread."""
+
+    def __init__(self, model: Any, prefill_chunk: int):
+        self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.prefills: list[_Prefill] = []
+        self.decoding = _Decoding()
+        family = type(model).__module__.rsplit(".", 1)[-1]
+        self._split = family in _SPLITTABLE and hasattr(model, "model")
+
+    @property
+    def num_active(self) -> int:
+        return len(self.prefills) + len(self.decoding.rows)
+
+    def step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
+        """Drop `release`, queue `admit` for prefill, advance everything: {seq_id: new token}."""
+        if release:
+            self._release(set(release))
+        self.prefills.extend(_Prefill(a, Row(a.seq_id, a.sampling)) for a in admit)
+        out = self._decode() if self.decoding.rows else {}
+        if self.prefills:
+            out.update(self._prefill())
+        return out
+
+    def _release(self, ids: set[int]) -> None:
+        self.prefills = [p for p in self.prefills if p.admission.seq_id not in ids]
+        d = self.decoding
+        keep = [i for i, row in enumerate(d.rows) if row.seq_id not in ids]
+        if len(keep) == len(d.rows):
+            return
+        if not keep:
+            self.decoding = _Decoding()
+            return
+        d.rows = [d.rows[i] for i in keep]
+        for c in d.cache:
+            c.filter(keep)
+        d.inputs = d.inputs[mx.array(keep)]
+
+    def _decode(self) -> dict[int, int]:
+        d = self.decoding
+        logits = self.model(d.inputs[:, None], cache=d.cache)[:, -1, :]
+        d.inputs = self._sample(logits, d.rows)
+        mx.eval(d.inputs)
+        return dict(zip((row.seq_id for row in d.rows), d.inputs.tolist()))
+
+    # Prefill ----------------------------------------------------------------------------------
+
+    def _prefill(self) -> dict[int, int]:
+        """One chunk of the first long prompt, or every short fresh prompt that fits the budget."""
+        first = self.prefills[0]
+        if first.done or first.remaining > self.prefill_chunk:
+            return self._prefill_one(first)
+        group = [first]
+        for p in self.prefills[1:]:
+            longest = max(len(q.admission.prompt_ids) for q in group + [p])
+            if p.done or (len(group) + 1) * longest > self.prefill_chunk:
+                break
+            group.append(p)
+        return self._prefill_group(group)
+
+    def _prefill_one(self, p: _Prefill) -> dict[int, int]:
+        if p.cache is None:
+            p.cache = [KVCache() for _ in self.model.layers]
+        n = min(self.prefill_chunk, p.remaining)
+        ids = mx.array([p.admission.prompt_ids[p.done : p.done + n]])
+        p.done += n
+        if p.remaining:
+            self._forward(ids, p.cache, last_logits=False)
+            mx.eval([c.state for c in p.cache])
+            return {}
+        logits = self._forward(ids, p.cache, last_logits=True)
+        merged = [BatchKVCache.merge([c]) for c in p.cache]
+        return self._join([p], merged, logits)
+
+    def _prefill_group(self, group: list[_Prefill]) -> dict[int, int]:
+        prompts = [p.admission.prompt_ids for p in group]
+        longest = max(map(len, prompts))
+        padding = [longest - len(ids) for ids in prompts]
+        tokens = mx.array([[0] * pad + ids for pad, ids in zip(padding, prompts)])
+        cache = [BatchKVCache(padding) for _ in self.model.layers]
+        logits = self._forward(tokens, cache, last_logits=True)
+        return self._join(group, cache, logits)
+
+    def _forward(self, tokens: Any, cache: list[Any], last_logits: bool) -> Any:
+        """Run the model on prompt tokens; logits of the last position only (or None)."""
+        if not self._split:
+            logits = self.model(tokens, cache=cache)
+            return logits[:, -1, :] if last_logits else None
+        hidden = self.model.model(tokens, cache=cache)
+        if not last_logits:
+            return None
+        last = hidden[:, -1:, :]
+        head = getattr(self.model, "lm_head", None)
+        logits = head(last) if head is not None else self.model.model.embed_tokens.as_linear(last)
+        return logits[:, -1, :]
+
+    def _join(self, group: list[_Prefill], cache: list[BatchKVCache], logits: Any) -> dict[int, int]:
+        """Sample each prompt's first token and move the group into the decode batch."""
+        rows = [p.row for p in group]
+        tokens = self._sample(logits, rows)
+        d = self.decoding
+        if not d.rows:
+            d.cache, d.inputs = cache, tokens
+        else:
+            for mine, theirs in zip(d.cache, cache):
+                mine.extend(theirs)
+            d.inputs = mx.concatenate([d.inputs, tokens])
+        d.rows.extend(rows)
+        mx.eval([c.state for c in d.cache], d.inputs)
+        joined = set(map(id, group))
+        self.prefills = [p for p in self.prefills if id(p) not in joined]
+        return dict(zip((r.seq_id for r in rows), tokens.tolist()))
+
+    def _sample(self, logits: Any, rows: list[Row]) -> Any:
+        """One token per row: a batched argmax for greedy rows, keyed sampling for the rest."""
+        greedy = mx.argmax(logits, axis=-1)
+        if all(row.sampling.greedy for row in rows):
+            return greedy
+        picked = [
+            greedy[i : i + 1] if row.sampling.greedy else sample_row(logits[i : i + 1], row)
+            for i, row in enumerate(rows)
+        ]
+        return mx.concatenate(picked).astype(greedy.dtype)
