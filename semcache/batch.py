@@ -17,6 +17,8 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from semcache.sampling import sample_row
 from semcache.sequence import SamplingParams
 
+# Below this many common tokens, a group is cheaper to prefill with plain left padding.
+MIN_SHARED_PREFIX = 16
 # Model families whose __call__ is exactly `head(model.model(x))`; others go through model(x).
 _SPLITTABLE = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -55,7 +57,21 @@ class _Prefill:
 class _Decoding:
     rows: list[Row] = field(default_factory=list)
     cache: list[BatchKVCache] | None = None
-    inputs: Any = None  # mx.array [B]: the last sampled token of each row
+    inputs: Any = None  # mx.array [B]: each row's latest token, reported, not yet fed to the model
+    ahead: Any = None  # mx.array [B] in flight: the tokens after `inputs` (inputs already fed), unreported
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Number of leading tokens that a and b share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _group_cost(size: int, longest: int, shared: int) -> int:
+    """Prompt tokens a group costs to prefill: the shared prefix once, the padded rest per row."""
+    if shared < MIN_SHARED_PREFIX:
+        return size * longest
+    return shared + size * (longest - shared)
 
 
 class Batcher:
@@ -93,31 +109,51 @@ class Batcher:
             self.decoding = _Decoding()
             return
         d.rows = [d.rows[i] for i in keep]
+        index = mx.array(keep)
         for c in d.cache:
             c.filter(keep)
-        d.inputs = d.inputs[mx.array(keep)]
+        d.inputs = d.inputs[index]
+        if d.ahead is not None:
+            d.ahead = d.ahead[index]
 
     def _decode(self) -> dict[int, int]:
+        """Report one new token per row. In steady state the next step is already computing
+        (mx.async_eval) while the event loop hands these tokens out, as mlx-lm's generator does."""
         d = self.decoding
-        logits = self.model(d.inputs[:, None], cache=d.cache)[:, -1, :]
-        d.inputs = self._sample(logits, d.rows)
-        mx.eval(d.inputs)
-        return dict(zip((row.seq_id for row in d.rows), d.inputs.tolist()))
+        new = d.ahead if d.ahead is not None else self._next_tokens(d.inputs)
+        d.inputs, d.ahead = new, None
+        if not self.prefills:  # nothing will join after this step: run one step ahead
+            d.ahead = self._next_tokens(new)
+            mx.async_eval(d.ahead)
+        return dict(zip((row.seq_id for row in d.rows), new.tolist()))
+
+    def _next_tokens(self, inputs: Any) -> Any:
+        """Feed `inputs` to the model (the cache advances) and sample each row's next token, lazily."""
+        d = self.decoding
+        logits = self.model(inputs[:, None], cache=d.cache)[:, -1, :]
+        return self._sample(logits, d.rows)
 
     # Prefill ----------------------------------------------------------------------------------
 
     def _prefill(self) -> dict[int, int]:
-        """One chunk of the first long prompt, or every short fresh prompt that fits the budget."""
+        """One chunk of the first long prompt, or as many short fresh prompts as fit the budget."""
         first = self.prefills[0]
         if first.done or first.remaining > self.prefill_chunk:
             return self._prefill_one(first)
-        group = [first]
+        group, shared = [first], len(first.admission.prompt_ids) - 1
         for p in self.prefills[1:]:
-            longest = max(len(q.admission.prompt_ids) for q in group + [p])
-            if p.done or (len(group) + 1) * longest > self.prefill_chunk:
+            ids = p.admission.prompt_ids
+            if p.done or len(ids) > self.prefill_chunk:
                 break
-            group.append(p)
-        return self._prefill_group(group)
+            lcp = min(shared, common_prefix(ids, first.admission.prompt_ids), len(ids) - 1)
+            members = group + [p]
+            longest = max(len(q.admission.prompt_ids) for q in members)
+            if _group_cost(len(members), longest, lcp) > self.prefill_chunk:
+                break
+            group, shared = members, lcp
+        if len(group) == 1 or shared < MIN_SHARED_PREFIX:
+            return self._prefill_group(group)
+        return self._prefill_shared(group, shared)
 
     def _prefill_one(self, p: _Prefill) -> dict[int, int]:
         if p.cache is None:
@@ -134,6 +170,7 @@ class Batcher:
         return self._join([p], merged, logits)
 
     def _prefill_group(self, group: list[_Prefill]) -> dict[int, int]:
+        """Short prompts together, left-padded to the longest (the padding is masked out)."""
         prompts = [p.admission.prompt_ids for p in group]
         longest = max(map(len, prompts))
         padding = [longest - len(ids) for ids in prompts]
@@ -142,15 +179,39 @@ class Batcher:
         logits = self._forward(tokens, cache, last_logits=True)
         return self._join(group, cache, logits)
 
-    def _forward(self, tokens: Any, cache: list[Any], last_logits: bool) -> Any:
-        """Run the model on prompt tokens; logits of the last position only (or None)."""
+    def _prefill_shared(self, group: list[_Prefill], shared: int) -> dict[int, int]:
+        """Prompts with a common prefix (a system prompt): the prefix once, then the suffixes together.
+
+        Suffixes are right-padded so each row continues straight after the shared prefix; the cache's
+        finalize() then rolls the padding to the left, as the decode batch expects.
+        """
+        prefix = [KVCache() for _ in self.model.layers]
+        self._forward(mx.array([group[0].admission.prompt_ids[:shared]]), prefix, last_logits=False)
+        cache = [BatchKVCache.merge([c] * len(group)) for c in prefix]
+        suffixes = [p.admission.prompt_ids[shared:] for p in group]
+        longest = max(map(len, suffixes))
+        padding = [longest - len(ids) for ids in suffixes]
+        for c in cache:
+            c.prepare(right_padding=padding)
+        tokens = mx.array([ids + [0] * pad for pad, ids in zip(padding, suffixes)])
+        last = mx.array([len(ids) - 1 for ids in suffixes])
+        logits = self._forward(tokens, cache, last_logits=True, positions=last)
+        for c in cache:  # roll only the filled part of the buffer, not its spare capacity
+            c.keys, c.values = c.keys[..., : c.size(), :], c.values[..., : c.size(), :]
+            c.finalize()
+        return self._join(group, cache, logits)
+
+    def _forward(self, tokens: Any, cache: list[Any], last_logits: bool, positions: Any = None) -> Any:
+        """Run the model on prompt tokens; logits at each row's `positions` (default: the last), or None."""
+        rows = mx.arange(tokens.shape[0])
+        at = positions if positions is not None else mx.full((tokens.shape[0],), tokens.shape[1] - 1)
         if not self._split:
             logits = self.model(tokens, cache=cache)
-            return logits[:, -1, :] if last_logits else None
+            return logits[rows, at] if last_logits else None
         hidden = self.model.model(tokens, cache=cache)
         if not last_logits:
             return None
-        last = hidden[:, -1:, :]
+        last = hidden[rows, at][:, None, :]
         head = getattr(self.model, "lm_head", None)
         logits = head(last) if head is not None else self.model.model.embed_tokens.as_linear(last)
         return logits[:, -1, :]

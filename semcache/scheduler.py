@@ -145,6 +145,7 @@ class Scheduler:
             release, self._release = self._release, []
             if not admit and not self._running and not release:
                 continue
+            started = time.perf_counter()
             try:
                 tokens = await self.engine.step(admit, release)
             except Exception as exc:  # an engine failure ends the sequences it touched, not the loop
@@ -152,6 +153,10 @@ class Scheduler:
                 self._fail_running(f"engine error: {exc}")
                 continue
             self.num_steps += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("step %d: %.1f ms, admitted %d, released %d, running %d, waiting %d",
+                          self.num_steps, (time.perf_counter() - started) * 1000, len(admit), len(release),
+                          len(self._running), self._num_waiting)
             for seq_id, token in tokens.items():
                 seq = self._running.get(seq_id)
                 if seq is not None:

@@ -1,0 +1,41 @@
+"""Data flows down: the import graph enforces the layering of ../shared/DESIGN.md §1."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "semcache"
+
+# module -> top-level packages it must never import
+FORBIDDEN = {
+    "config": {"aiohttp", "mlx", "mlx_lm"},
+    "errors": {"aiohttp", "mlx", "mlx_lm", "asyncio"},
+    "sequence": {"aiohttp", "mlx", "mlx_lm"},
+    "chat": {"aiohttp", "asyncio", "mlx"},
+    "scheduler": {"aiohttp"},
+    "serving": {"aiohttp"},
+    "engine": {"aiohttp"},
+    "batch": {"aiohttp", "asyncio"},
+    "sampling": {"aiohttp", "asyncio"},
+    "models": {"aiohttp", "asyncio"},
+    "blas": {"aiohttp", "asyncio", "mlx"},
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_module_respects_its_layer(module):
+    """Nothing below the HTTP layer imports aiohttp; nothing below the engine imports asyncio."""
+    found = imported_packages(PACKAGE / f"{module}.py") & FORBIDDEN[module]
+    assert not found, f"semcache/{module}.py imports {sorted(found)}"
