@@ -78,8 +78,7 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
     if BOUND in app:
         await app[BOUND].wait()
     engine = service.engine
-    spec = service.config.model or "embedded SmolLM2-135M-Instruct"
-    log.info("model loading: %s", spec)
+    log.info("model loading: %s", _describe_model(service.config.model))
     if is_slow(BLAS_INFO):
         log.warning("BLAS: %s; CPU inference will be ~30x slower. Install OpenBLAS: %s", BLAS_INFO, INSTALL_HINT)
     else:
@@ -98,6 +97,15 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
     service.scheduler.ready = True
     log.info("ready")
     await service.scheduler.run()
+
+
+def _describe_model(spec: str | None) -> str:
+    from semcache.models import ModelLoadError, describe
+
+    try:
+        return describe(spec)
+    except ModelLoadError as exc:
+        return f"{spec or 'embedded model'} ({exc})"
 
 
 def _health(service: Service, ok: bool, reason: str) -> web.Response:

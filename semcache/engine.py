@@ -100,7 +100,16 @@ class MLXEngine:
         )
 
     async def step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
-        return await self._run(self.batcher.step, admit, release)
+        return await self._run(self._step, admit, release)
+
+    def _step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
+        try:
+            return self.batcher.step(admit, release)
+        except Exception:
+            # A failed step may leave the batch half-updated: start clean (the scheduler fails
+            # every running sequence) rather than decode from a cache nobody can trust.
+            self.batcher = Batcher(self.model, self.prefill_chunk)
+            raise
 
     async def close(self) -> None:
         await self._run(self._clear)

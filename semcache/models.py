@@ -82,6 +82,17 @@ def embedded_model_path() -> Path:
     )
 
 
+def describe(spec: str | None) -> str:
+    """'path (N MB)' for the start-up log, before anything is loaded."""
+    path = embedded_model_path() if not spec else Path(spec).expanduser()
+    if path.is_file():
+        return f"{path} ({path.stat().st_size / 1e6:.0f} MB)"
+    if path.is_dir():
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        return f"{path} ({size / 1e6:.0f} MB of weights)"
+    return f"{spec} (Hugging Face repo id, resolved by mlx-lm)"
+
+
 def compute_backend() -> str:
     """'metal', 'cuda' or 'cpu': where MLX will run by default."""
     if mx.metal.is_available():

@@ -324,6 +324,14 @@ class TestCapacity:
         assert (await client.get("/health/ready")).status == 503
         assert (await running).status == 200 and (await queued).status == 200
 
+    async def test_64_concurrent_with_default_limits_all_succeed(self, make_client, tokenizer):
+        """64 concurrent requests with default limits: every one 200, in both dialects."""
+        client = await make_client(engine=FakeEngine(tokenizer, step_delay=0.002))
+        reqs = [client.post("/v1/messages", json=MSG) if i % 2 else client.post("/v1/chat/completions", json=CHAT)
+                for i in range(64)]
+        responses = await asyncio.gather(*reqs)
+        assert [r.status for r in responses] == [200] * 64
+
     async def test_loading_model_refuses_and_health_says_starting(self, aiohttp_client, tokenizer):
         """While the model loads: startup/ready 503, live 200, API requests 529/503 with Retry-After."""
         from semcache.app import make_app
