@@ -64,7 +64,7 @@ async def stream_chat(session: aiohttp.ClientSession, base: str, prompt: str, ma
             "decode_seconds": (last or end) - (first or end)}
 
 
-async def run_concurrent(base: str, n: int, max_tokens: int, probe_path: str | None = None) -> dict:
+async def run_concurrent(base: str, n: int, max_tokens: int, probe_path: str | None = None, salt: str = "") -> dict:
     """n requests at once; aggregate output tok/s, latency percentiles, optional health probes every 20 ms."""
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=900)
@@ -73,7 +73,7 @@ async def run_concurrent(base: str, n: int, max_tokens: int, probe_path: str | N
         done = asyncio.Event()
         prober = asyncio.create_task(_probe(session, base, probe_path, probes, done)) if probe_path else None
         start = time.perf_counter()
-        results = await asyncio.gather(*(stream_chat(session, base, PROMPTS[i % len(PROMPTS)], max_tokens)
+        results = await asyncio.gather(*(stream_chat(session, base, PROMPTS[i % len(PROMPTS)] + salt, max_tokens)
                                          for i in range(n)))
         wall = time.perf_counter() - start
         done.set()
@@ -95,11 +95,11 @@ async def run_concurrent(base: str, n: int, max_tokens: int, probe_path: str | N
     return out
 
 
-async def run_sequential(base: str, n: int, max_tokens: int) -> dict:
+async def run_sequential(base: str, n: int, max_tokens: int, salt: str = "") -> dict:
     """n requests one after another; aggregate output tok/s over the whole run."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
         start = time.perf_counter()
-        results = [await stream_chat(session, base, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(n)]
+        results = [await stream_chat(session, base, PROMPTS[i % len(PROMPTS)] + salt, max_tokens) for i in range(n)]
         wall = time.perf_counter() - start
     single = results[0]
     return {

@@ -81,7 +81,7 @@ def run(out: Path, runs: int = 3, max_tokens: int = 64, peer: bool = True, workd
             for r in range(runs):
                 rnd = {"bare_decode_tok_s": bare.decode_tok_s(client.PROMPTS[0], max_tokens)}
                 for name, t in targets.items():
-                    rnd[name] = round_for(t, max_tokens)
+                    rnd[name] = round_for(t, max_tokens, salt=f" (Take {r + 1}.)")
                     print(f"round {r + 1} {name}: {summary(rnd[name])}", flush=True)
                 print(f"round {r + 1} bare loop decode: {rnd['bare_decode_tok_s']:.1f} tok/s", flush=True)
                 report["rounds"].append(rnd)
@@ -96,12 +96,13 @@ def run(out: Path, runs: int = 3, max_tokens: int = 64, peer: bool = True, workd
     return report
 
 
-def round_for(target: dict, max_tokens: int) -> dict:
+def round_for(target: dict, max_tokens: int, salt: str) -> dict:
+    """One round on one target. Each round's prompts differ (salt), so no prompt cache can serve them."""
     base = target["base"]
-    seq4 = asyncio.run(client.run_sequential(base, 4, max_tokens))
-    c1 = asyncio.run(client.run_concurrent(base, 1, max_tokens))
-    c4 = asyncio.run(client.run_concurrent(base, 4, max_tokens))
-    c16 = asyncio.run(client.run_concurrent(base, 16, max_tokens, probe_path=target["health"]))
+    seq4 = asyncio.run(client.run_sequential(base, 4, max_tokens, salt))
+    c1 = asyncio.run(client.run_concurrent(base, 1, max_tokens, salt=salt))
+    c4 = asyncio.run(client.run_concurrent(base, 4, max_tokens, salt=salt))
+    c16 = asyncio.run(client.run_concurrent(base, 16, max_tokens, probe_path=target["health"], salt=salt))
     target["rss_at_16_mb"] = max(target.get("rss_at_16_mb", 0), client.rss_mb(target["pid"]))
     return {"sequential_4": seq4, "concurrent_1": c1, "concurrent_4": c4, "concurrent_16": c16}
 

@@ -33,16 +33,19 @@ class Detokenizer:
     """Turns ids into text one token at a time, holding back bytes of an unfinished UTF-8 character."""
 
     def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
+        # The Rust tokenizer directly: transformers' decode wrapper costs more than the decode itself.
+        self._decode = getattr(tokenizer, "backend_tokenizer", tokenizer).decode
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
 
+    def _text(self, ids: list[int]) -> str:
+        return self._decode(ids, skip_special_tokens=True)
+
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix = self._text(self.ids[self.prefix_offset : self.read_offset])
+        full = self._text(self.ids[self.prefix_offset :])
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""
         self.prefix_offset = self.read_offset
@@ -51,9 +54,8 @@ class Detokenizer:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix = self._text(self.ids[self.prefix_offset : self.read_offset])
+        full = self._text(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :] if len(full) > len(prefix) else ""
 

@@ -131,4 +131,6 @@ class Service:
         except BaseException:
             self.scheduler.abort(seq)
             raise
+        if seq.finished is not None and seq.finished.reason is FinishReason.ABORT:
+            raise failure(seq.finished)  # refused while queued: still a plain HTTP error, not a stream
         return seq
