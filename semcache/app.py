@@ -41,6 +41,7 @@ def make_app(config: Config, engine: Engine | None = None) -> web.Application:
         max_queue=config.max_queue,
         max_queue_wait=config.max_queue_wait,
         stream_buffer=config.stream_buffer,
+        batch_wait=config.batch_wait,
     )
     app[SERVICE] = Service(config, engine, Scheduler(engine, limits))
     app.on_response_prepare.append(middleware.add_request_id)

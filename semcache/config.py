@@ -44,6 +44,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     default_max_tokens: Positive = 1024
     max_body: Positive = 32 << 20
     stream_buffer: Positive = 4096
+    batch_wait: Annotated[float, Meta(ge=0, le=1)] = 0.01
     backlog: Positive = 1024
     api_keys: list[str] = []
     log_level: str = "info"

@@ -39,6 +39,10 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
+class ModelLoadError(Exception):
+    """The model could not be found or read; the message says which and why."""
+
+
 def invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError(Kind.INVALID_REQUEST, message, param=param)
 

@@ -41,10 +41,11 @@ class Limits:
     max_queue: int = 256
     max_queue_wait: float = 120.0
     stream_buffer: int = 4096
+    batch_wait: float = 0.01
 
 
 @dataclass(eq=False)
-class _Decoding:
+class _TextState:
     """Per running sequence text state: detokenizer and stop-string matcher."""
 
     detok: Detokenizer
@@ -64,7 +65,7 @@ class Scheduler:
         self._waiting: list[tuple[tuple, Sequence]] = []
         self._num_waiting = 0
         self._running: dict[int, Sequence] = {}
-        self._text: dict[int, _Decoding] = {}
+        self._text: dict[int, _TextState] = {}
         self._release: list[int] = []
         self._kv_reserved = 0
         self.num_steps = 0
@@ -140,6 +141,9 @@ class Scheduler:
         while True:
             if not self._running and not self._waiting and not self._release:
                 self._push(await self.queue.get())
+                # Waking from idle: requests of a burst arrive a few ms apart; a short wait lets
+                # them prefill as one group instead of one alone and the rest a step later.
+                await asyncio.sleep(self.limits.batch_wait)
             self._drain_queue()
             admit = self._admit()
             release, self._release = self._release, []
@@ -190,7 +194,7 @@ class Scheduler:
             seq.admitted_at = self.clock()
             self._running[seq.seq_id] = seq
             tokenizer = self.engine.tokenizer
-            self._text[seq.seq_id] = _Decoding(Detokenizer(tokenizer), StopMatcher(seq.stop))
+            self._text[seq.seq_id] = _TextState(Detokenizer(tokenizer), StopMatcher(seq.stop))
             if not seq.admitted.done():
                 seq.admitted.set_result(None)
             admitted.append(Admission(seq.seq_id, seq.prompt_ids, seq.sampling))

@@ -11,6 +11,7 @@ from tests.conftest import FakeEngine
 
 async def started(engine, **limits) -> tuple[Scheduler, asyncio.Task]:
     await engine.load()
+    limits.setdefault("batch_wait", 0.0)
     scheduler = Scheduler(engine, Limits(**limits))
     scheduler.ready = True
     return scheduler, asyncio.create_task(scheduler.run())
@@ -170,6 +171,18 @@ class TestScheduler:
         assert engine.released[0] == first.seq_id
         await second.text()
         assert first.finished.reason is FinishReason.ABORT
+
+    async def test_burst_at_idle_is_admitted_together(self, tokenizer, stop_tasks):
+        """Requests arriving a few ms apart at an idle server join the same first step."""
+        engine = FakeEngine(tokenizer)
+        scheduler, task = await started(engine, batch_wait=0.05)
+        stop_tasks.append(task)
+        seqs = [seq(max_tokens=2) for _ in range(4)]
+        for s in seqs:
+            scheduler.submit(s)
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*(s.text() for s in seqs))
+        assert engine.num_steps == 2 + 1  # two tokens each, all admitted in step 1; one step releases
 
     async def test_not_ready_refuses(self, tokenizer):
         """Before the model is loaded, submit raises Overloaded."""
