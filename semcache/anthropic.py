@@ -122,8 +122,9 @@ def usage(seq: Sequence) -> dict:
     }
 
 
-def _message(body: MessagesRequest, msg_id: str, content: list, seq: Sequence | None) -> dict:
-    finished = seq.finished if seq else None
+def _message(body: MessagesRequest, msg_id: str, content: list, seq: Sequence, final: bool = True) -> dict:
+    """The Message object; message_start sends it with final=False (no stop reason yet)."""
+    finished = seq.finished if final else None
     return {
         "id": msg_id,
         "type": "message",
@@ -167,7 +168,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, body: MessagesRequest, seq: Sequence, msg_id: str):
     response = await sse.open_stream(request)
     write = response.write
-    await write(sse.frame({"type": "message_start", "message": _message(body, msg_id, [], seq)}, "message_start"))
+    start = _message(body, msg_id, [], seq, final=False)
+    await write(sse.frame({"type": "message_start", "message": start}, "message_start"))
     await write(sse.frame(
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         "content_block_start",

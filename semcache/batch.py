@@ -60,7 +60,6 @@ class _Decoding:
     # One row: plain KVCaches (no mask, the exact single-sequence path, ~5% faster); more: BatchKVCaches.
     cache: list[Any] | None = None
     inputs: Any = None  # mx.array [B]: each row's latest token, reported, not yet fed to the model
-    ahead: Any = None  # mx.array [B] in flight: the tokens after `inputs` (inputs already fed), unreported
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -121,25 +120,17 @@ class Batcher:
         if len(keep) == 1:
             d.cache = [c.extract(0) for c in d.cache]
         d.inputs = d.inputs[index]
-        if d.ahead is not None:
-            d.ahead = d.ahead[index]
 
     def _decode(self) -> dict[int, int]:
-        """Report one new token per row. In steady state the next step is already computing
-        (mx.async_eval) while the event loop hands these tokens out, as mlx-lm's generator does."""
-        d = self.decoding
-        new = d.ahead if d.ahead is not None else self._next_tokens(d.inputs)
-        d.inputs, d.ahead = new, None
-        if not self.prefills:  # nothing will join after this step: run one step ahead
-            d.ahead = self._next_tokens(new)
-            mx.async_eval(d.ahead)
-        return dict(zip((row.seq_id for row in d.rows), new.tolist()))
+        """One new token per row, all rows in one forward pass.
 
-    def _next_tokens(self, inputs: Any) -> Any:
-        """Feed `inputs` to the model (the cache advances) and sample each row's next token, lazily."""
+        No one-step-ahead pipelining: measured on the CPU backend, mx.async_eval blocks until the
+        step is computed, so running ahead only delayed every token by a step."""
         d = self.decoding
-        logits = self.model(inputs[:, None], cache=d.cache)[:, -1, :]
-        return self._sample(logits, d.rows)
+        logits = self.model(d.inputs[:, None], cache=d.cache)[:, -1, :]
+        d.inputs = self._sample(logits, d.rows)
+        mx.eval(d.inputs)
+        return dict(zip((row.seq_id for row in d.rows), d.inputs.tolist()))
 
     # Prefill ----------------------------------------------------------------------------------
 
