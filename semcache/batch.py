@@ -89,6 +89,7 @@ class Batcher:
         self.decoding = _Decoding()
         family = type(model).__module__.rsplit(".", 1)[-1]
         self._split = family in _SPLITTABLE and hasattr(model, "model")
+        self._head_t = self._transposed_head() if self._split else None
 
     @property
     def num_active(self) -> int:
@@ -127,7 +128,7 @@ class Batcher:
         No one-step-ahead pipelining: measured on the CPU backend, mx.async_eval blocks until the
         step is computed, so running ahead only delayed every token by a step."""
         d = self.decoding
-        logits = self.model(d.inputs[:, None], cache=d.cache)[:, -1, :]
+        logits = self._forward(d.inputs[:, None], d.cache, last_logits=True)
         d.inputs = self._sample(logits, d.rows)
         mx.eval(d.inputs)
         return dict(zip((row.seq_id for row in d.rows), d.inputs.tolist()))
@@ -214,10 +215,29 @@ class Batcher:
         hidden = self.model.model(tokens, cache=cache)
         if not last_logits:
             return None
-        last = hidden[rows, at][:, None, :]
+        last = hidden[rows, at] if tokens.shape[1] > 1 else hidden[:, 0, :]
+        if self._head_t is not None:
+            return last @ self._head_t
         head = getattr(self.model, "lm_head", None)
-        logits = head(last) if head is not None else self.model.model.embed_tokens.as_linear(last)
-        return logits[:, -1, :]
+        return head(last) if head is not None else self.model.model.embed_tokens.as_linear(last)
+
+    def _transposed_head(self) -> Any:
+        """The vocabulary projection's float weight, transposed once into its own contiguous copy.
+
+        Measured on the CPU (OpenBLAS): `h @ Wt` gives bit-identical logits to `h @ W.T` in 4.8 ms
+        instead of 8.5 ms for one row (17 vs 21 ms for 16), ~5% of a single-stream decode step.
+        Costs one more copy of the matrix (113 MB for the embedded model). Quantized heads: None.
+        """
+        head = getattr(self.model, "lm_head", None)
+        module = head if head is not None else self.model.model.embed_tokens
+        weight = getattr(module, "weight", None)
+        if weight is None or hasattr(module, "scales") or not mx.issubdtype(weight.dtype, mx.floating):
+            return None
+        if head is not None and "bias" in head:
+            return None
+        transposed = mx.contiguous(weight.T)
+        mx.eval(transposed)
+        return transposed
 
     def _join(self, group: list[_Prefill], cache: list[Any], logits: Any) -> dict[int, int]:
         """Sample each prompt's first token and move the group into the decode batch."""
