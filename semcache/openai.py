@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
+from dataclasses import replace
 from typing import Annotated, Literal, Union
 
 import msgspec
@@ -22,6 +24,7 @@ FINISH_REASONS = {
     FinishReason.STOP_SEQUENCE: "stop",
     FinishReason.LENGTH: "length",
 }
+MAX_CHOICES = 16
 _ROLES = {"developer": "system", "system": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -76,7 +79,7 @@ class ChatRequest(Struct, kw_only=True):
     stop: Union[str, Annotated[list[str], Meta(max_length=4)], None] = None
     stream: bool = False
     stream_options: Union[StreamOptions, None] = None
-    n: PositiveInt = 1
+    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] = 1
     seed: Union[int, None] = None
     tools: Union[list[dict], None] = None
     response_format: Union[ResponseFormat, None] = None
@@ -114,19 +117,20 @@ def chat_messages(body: ChatRequest) -> list[ChatMessage]:
 def _check(body: ChatRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise invalid("stream_options can only be set when stream is true", param="stream_options")
-    if body.n != 1:
-        raise unsupported("n other than 1 is", param="n")
     if body.logprobs:
         raise unsupported("logprobs are", param="logprobs")
     if body.response_format is not None and body.response_format.type != "text":
         raise unsupported(f"response_format '{body.response_format.type}' is", param="response_format")
 
 
-def usage(seq: Sequence) -> dict:
+def usage(seqs: list[Sequence]) -> dict:
+    """The prompt counts once however many choices were generated from it."""
+    prompt = seqs[0].num_prompt_tokens
+    completion = sum(seq.num_output_tokens for seq in seqs)
     return {
-        "prompt_tokens": seq.num_prompt_tokens,
-        "completion_tokens": seq.num_output_tokens,
-        "total_tokens": seq.num_prompt_tokens + seq.num_output_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
@@ -151,7 +155,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stop=stop,
         priority=parse_priority(request.headers.get("X-Priority"), body.priority),
     )
-    seq = await service.start(gen)
+    seqs = await _start_choices(service, gen, body.n)
     try:
         head = {
             "id": "chatcmpl-" + secrets.token_hex(12),
@@ -161,38 +165,85 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         }
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(request, seq, head, include_usage)
-        text = await seq.text()
-        if seq.finished.reason not in FINISH_REASONS:
-            raise failure(seq.finished)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": FINISH_REASONS[seq.finished.reason],
-        }
-        return web.json_response({**head, "object": "chat.completion", "choices": [choice], "usage": usage(seq)})
+            return await _stream(request, seqs, head, include_usage)
+        texts = await asyncio.gather(*(seq.text() for seq in seqs))
+        for seq in seqs:
+            if seq.finished.reason not in FINISH_REASONS:
+                raise failure(seq.finished)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS[seq.finished.reason],
+            }
+            for i, (seq, text) in enumerate(zip(seqs, texts))
+        ]
+        return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage(seqs)})
     finally:
-        service.scheduler.abort(seq)
+        for seq in seqs:
+            service.scheduler.abort(seq)
 
 
-async def _stream(request: web.Request, seq: Sequence, head: dict, include_usage: bool):
+async def _start_choices(service, gen: Generation, n: int) -> list[Sequence]:
+    """n sequences for n choices (seeded ones get seed, seed+1, ...); all queued or none."""
+    gens = [gen]
+    for i in range(1, n):
+        seed = None if gen.sampling.seed is None else gen.sampling.seed + i
+        gens.append(replace(gen, sampling=replace(gen.sampling, seed=seed)))
+    results = await asyncio.gather(*(service.start(g) for g in gens), return_exceptions=True)
+    started = [r for r in results if isinstance(r, Sequence)]
+    errors = [r for r in results if not isinstance(r, Sequence)]
+    if errors:
+        for seq in started:
+            service.scheduler.abort(seq)
+        raise errors[0]
+    return started
+
+
+async def _merged(seqs: list[Sequence]):
+    """(choice index, text delta) as any choice produces one; (index, None) when that choice ends."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, seq: Sequence) -> None:
+        async for delta in seq.stream():
+            queue.put_nowait((index, delta))
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, seq)) for i, seq in enumerate(seqs)]
+    try:
+        for _ in range(len(seqs)):
+            while True:
+                index, delta = await queue.get()
+                yield index, delta
+                if delta is None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _stream(request: web.Request, seqs: list[Sequence], head: dict, include_usage: bool):
     response = await sse.open_stream(request)
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return sse.frame({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
-    await response.write(chunk({"role": "assistant", "content": ""}))
-    async for delta in seq.stream():
-        await response.write(chunk({"content": delta}))
-    if seq.finished.reason not in FINISH_REASONS:
-        await response.write(sse.frame(openai_body(failure(seq.finished))))
-        return response
-    await response.write(chunk({}, FINISH_REASONS[seq.finished.reason]))
+    for index in range(len(seqs)):
+        await response.write(chunk(index, {"role": "assistant", "content": ""}))
+    async for index, delta in _merged(seqs):
+        if delta is not None:
+            await response.write(chunk(index, {"content": delta}))
+            continue
+        finished = seqs[index].finished
+        if finished.reason not in FINISH_REASONS:
+            await response.write(sse.frame(openai_body(failure(finished))))
+            return response
+        await response.write(chunk(index, {}, FINISH_REASONS[finished.reason]))
     if include_usage:
-        await response.write(sse.frame({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(seq)}))
+        await response.write(sse.frame({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(seqs)}))
     await response.write(sse.DONE)
     await response.write_eof()
     return response

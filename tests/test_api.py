@@ -161,6 +161,36 @@ class TestOpenAIChat:
             assert body["choices"][0]["message"]["content"] == "The quick "
             assert body["choices"][0]["finish_reason"] == "stop"
 
+    async def test_n_choices(self, make_client):
+        """n gives n indexed choices; usage counts the prompt once and every completion."""
+        client = await make_client()
+        one = await (await client.post("/v1/chat/completions", json=CHAT)).json()
+        body = await (await client.post("/v1/chat/completions", json={**CHAT, "n": 3})).json()
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+        assert all(c["message"]["content"] == FAKE_REPLY for c in body["choices"])
+        assert body["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+        assert body["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+
+    async def test_n_choices_streamed(self, make_client):
+        """Streamed n: each index gets its role once, its text, and exactly one finish_reason."""
+        client = await make_client()
+        req = {**CHAT, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+        events = sse_events(await (await client.post("/v1/chat/completions", json=req)).text())
+        chunks = [json.loads(d) for _, d in events[:-1]]
+        for index in (0, 1):
+            mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+            assert [c["delta"].get("role") for c in mine].count("assistant") == 1
+            assert "".join(c["delta"].get("content", "") for c in mine) == FAKE_REPLY
+            assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["stop"]
+        assert chunks[-1]["usage"]["completion_tokens"] == 22
+
+    async def test_n_out_of_range_is_400(self, make_client):
+        """n must be between 1 and 16."""
+        client = await make_client()
+        r = await client.post("/v1/chat/completions", json={**CHAT, "n": 17})
+        assert r.status == 400
+        assert_openai_error(await r.json(), "$.n")
+
     async def test_stream_options_without_stream_is_400(self, make_client):
         """stream_options needs stream=true."""
         client = await make_client()

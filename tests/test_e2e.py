@@ -138,8 +138,15 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
            "Name a fruit and describe it."]
 
 
-def first_difference(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+def first_difference(got: str, want: str) -> str:
+    """Where two answers part: the first differing token (by the model's tokenizer) and character."""
+    from semcache.models import embedded_model_path, load_gguf_tokenizer
+
+    tok = load_gguf_tokenizer(embedded_model_path())
+    a, b = tok.encode(got, add_special_tokens=False), tok.encode(want, add_special_tokens=False)
+    t = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    c = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+    return f"first difference at token {t}, character {c}: {got!r} vs {want!r}"
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +182,7 @@ class TestExactness:
         """One request alone: token-identical (compared as text) to the plain loop."""
         got = self.ask(oai, PROMPTS[1])
         want = reference_texts[1]
-        assert got == want, f"first difference at char {first_difference(got, want)}: {got!r} vs {want!r}"
+        assert got == want, first_difference(got, want)
 
     def test_greedy_batched_with_seven_others_matches(self, oai, reference_texts):
         """Eight concurrent requests, batched together, each match the plain loop."""
@@ -184,4 +191,4 @@ class TestExactness:
         with ThreadPoolExecutor(8) as pool:
             got = list(pool.map(lambda p: self.ask(oai, p), PROMPTS))
         for i, (g, w) in enumerate(zip(got, reference_texts)):
-            assert g == w, f"prompt {i}: first difference at char {first_difference(g, w)}: {g!r} vs {w!r}"
+            assert g == w, f"prompt {i}: {first_difference(g, w)}"

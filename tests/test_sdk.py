@@ -100,6 +100,12 @@ class TestOpenAISDK:
         full = oai.chat.completions.create(model="m", messages=USER).choices[0].message.content
         assert text == full == FAKE_REPLY
 
+    def test_n_choices(self, oai):
+        """n=2 returns two choices the SDK parses, with their indexes."""
+        r = oai.chat.completions.create(model="m", messages=USER, n=2)
+        assert [c.index for c in r.choices] == [0, 1]
+        assert all(c.message.content == FAKE_REPLY for c in r.choices)
+
     def test_models(self, oai):
         """models.list parses in the OpenAI shape."""
         assert [m.id for m in oai.models.list()] == ["fake-model"]
