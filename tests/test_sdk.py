@@ -13,7 +13,7 @@ USER = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def base_url(tokenizer):
-    with serve_in_thread(make_app(Config(max_queue=1, max_active=1), engine=FakeEngine(tokenizer))) as url:
+    with serve_in_thread(make_app(Config(), engine=FakeEngine(tokenizer))) as url:
         yield url
 
 
