@@ -34,6 +34,7 @@ async def serve(config: Config) -> int:
     from aiohttp import web
 
     from semcache.app import BOUND, LOAD_TASK, make_app
+    from semcache.keys import SERVICE
 
     app = make_app(config)
     app[BOUND] = asyncio.Event()
@@ -60,6 +61,7 @@ async def serve(config: Config) -> int:
     if code == 0:
         await stopping
     log.info("shutting down")
+    app[SERVICE].scheduler.draining = True  # /health/ready turns 503 and new work is refused
     await runner.cleanup()
     return code
 

@@ -11,7 +11,7 @@ from msgspec import Meta, Struct
 
 from semcache import sse
 from semcache.chat import ChatMessage
-from semcache.errors import anthropic_body, unsupported
+from semcache.errors import anthropic_body, invalid, unsupported
 from semcache.keys import SERVICE
 from semcache.sequence import FinishReason, SamplingParams, Sequence
 from semcache.serving import Generation, decode_body, failure, parse_priority
@@ -59,7 +59,7 @@ _SKIPPED_BLOCKS = (ThinkingBlock, RedactedThinkingBlock)  # earlier turns' think
 
 
 class Message(Struct):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: Union[str, list[Block]]
 
 
@@ -109,7 +109,13 @@ def chat_messages(body: _Prompt) -> list[ChatMessage]:
     if body.system:
         out.append(ChatMessage("system", _block_text(body.system, "system")))
     for i, message in enumerate(body.messages):
+        if message.role == "system" and any(m.role != "system" for m in body.messages[:i]):
+            raise invalid("system messages may only come first; use the top-level system field",
+                          param=f"messages[{i}].role")
         out.append(ChatMessage(message.role, _block_text(message.content, f"messages[{i}].content")))
+    if out[-1].role == "assistant" and out[-1].content != out[-1].content.rstrip():
+        raise invalid("final assistant content cannot end with trailing whitespace",
+                      param=f"messages[{len(body.messages) - 1}].content")
     return out
 
 
@@ -151,6 +157,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         sampling=sampling,
         stop=tuple(body.stop_sequences or ()),
         priority=parse_priority(request.headers.get("X-Priority"), body.priority),
+        continue_final=True,  # Anthropic "prefill": the answer continues a final assistant turn
     )
     seq = await service.start(gen)
     try:
@@ -201,7 +208,7 @@ async def _stream(request: web.Request, body: MessagesRequest, seq: Sequence, ms
 async def count_tokens(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body = decode_body(await request.read(), _count_decoder)
-    prompt_ids = await service.tokenize(chat_messages(body))
+    prompt_ids = await service.tokenize(chat_messages(body), continue_final=True)
     return web.json_response({"input_tokens": len(prompt_ids)})
 
 

@@ -18,15 +18,28 @@ class PromptRenderer:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
 
-    def render(self, messages: list[ChatMessage]) -> list[int]:
-        """Token ids for `messages`; a trailing assistant message is continued, not closed."""
+    def render(self, messages: list[ChatMessage], continue_final: bool = False) -> list[int]:
+        """Token ids for `messages`. Consecutive turns of one role are joined (strict templates reject
+        them); with `continue_final`, a trailing assistant message is continued, not closed."""
+        messages = merge_turns(messages)
         prefill = ""
-        if messages and messages[-1].role == "assistant":
-            prefill = messages[-1].content.rstrip()
+        if continue_final and messages and messages[-1].role == "assistant":
+            prefill = messages[-1].content
             messages = messages[:-1]
         dicts = [{"role": m.role, "content": m.content} for m in messages]
         text = self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text + prefill, add_special_tokens=False)
+
+
+def merge_turns(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Join consecutive messages of the same role into one turn (as the Anthropic API does)."""
+    out: list[ChatMessage] = []
+    for m in messages:
+        if out and out[-1].role == m.role:
+            out[-1] = ChatMessage(m.role, out[-1].content + "\n\n" + m.content)
+        else:
+            out.append(m)
+    return out
 
 
 class Detokenizer:

@@ -83,8 +83,11 @@ def status_for(kind: Kind, anthropic: bool) -> int:
     return kind.value
 
 
-def anthropic_body(err: ApiError) -> dict:
-    return {"type": "error", "error": {"type": ANTHROPIC_TYPES[err.kind], "message": err.message}}
+def anthropic_body(err: ApiError, request_id: str | None = None) -> dict:
+    body = {"type": "error", "error": {"type": ANTHROPIC_TYPES[err.kind], "message": err.message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
 
 
 def openai_body(err: ApiError) -> dict:

@@ -16,6 +16,12 @@ from transformers import PreTrainedTokenizerFast
 
 from semcache.errors import ModelLoadError
 
+# For GGUF files that carry no template: ChatML, which most instruction-tuned small models use.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 _GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -155,7 +161,7 @@ def _gguf_tokenizer(meta: dict[str, Any]) -> PreTrainedTokenizerFast:
         pad_token=ids("tokenizer.ggml.padding_token_id"),
         unk_token=ids("tokenizer.ggml.unknown_token_id"),
     )
-    wrapped.chat_template = str(meta["tokenizer.chat_template"]) if "tokenizer.chat_template" in meta else None
+    wrapped.chat_template = str(meta.get("tokenizer.chat_template") or CHATML_TEMPLATE)
     return wrapped
 
 

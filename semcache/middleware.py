@@ -34,7 +34,7 @@ def is_anthropic(request: web.Request) -> bool:
 
 def error_response(request: web.Request, err: ApiError) -> web.Response:
     anthropic = is_anthropic(request)
-    body = anthropic_body(err) if anthropic else openai_body(err)
+    body = anthropic_body(err, request.get(REQUEST_ID)) if anthropic else openai_body(err)
     response = web.Response(
         status=status_for(err.kind, anthropic),
         body=msgspec.json.encode(body),

@@ -85,6 +85,7 @@ class ChatRequest(Struct, kw_only=True):
     response_format: Union[ResponseFormat, None] = None
     logprobs: Union[bool, None] = None
     priority: Union[int, None] = None
+    continue_final_message: bool = False  # vLLM's extension: continue a trailing assistant message
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -154,7 +155,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         sampling=sampling,
         stop=stop,
         priority=parse_priority(request.headers.get("X-Priority"), body.priority),
+        continue_final=body.continue_final_message,
     )
+    if body.n > service.config.max_active:
+        raise invalid(f"n ({body.n}) is larger than max_active ({service.config.max_active})", param="n")
     seqs = await _start_choices(service, gen, body.n)
     try:
         head = {
@@ -191,14 +195,21 @@ async def _start_choices(service, gen: Generation, n: int) -> list[Sequence]:
     for i in range(1, n):
         seed = None if gen.sampling.seed is None else gen.sampling.seed + i
         gens.append(replace(gen, sampling=replace(gen.sampling, seed=seed)))
-    results = await asyncio.gather(*(service.start(g) for g in gens), return_exceptions=True)
-    started = [r for r in results if isinstance(r, Sequence)]
-    errors = [r for r in results if not isinstance(r, Sequence)]
-    if errors:
-        for seq in started:
-            service.scheduler.abort(seq)
-        raise errors[0]
-    return started
+    tasks = [asyncio.create_task(service.start(g)) for g in gens]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+        if failed is not None:
+            raise failed.exception()
+    except BaseException:  # a refusal, or the client went away: stop every choice, queued or running
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is None:
+                service.scheduler.abort(task.result())
+        raise
+    return [task.result() for task in tasks]
 
 
 async def _merged(seqs: list[Sequence]):

@@ -25,7 +25,9 @@ def sample_row(logits: mx.array, row: Any) -> mx.array:
         sorted_logits = mx.take_along_axis(logits, order, axis=-1)
         probs = mx.softmax(sorted_logits, axis=-1)
         before = mx.cumsum(probs, axis=-1) - probs
-        sorted_logits = mx.where(before >= params.top_p, -mx.inf, sorted_logits)
+        # The most likely token always stays, so top_p=0 means greedy rather than an empty set.
+        outside = (before >= params.top_p) & (mx.arange(vocab) > 0)
+        sorted_logits = mx.where(outside, -mx.inf, sorted_logits)
         token = mx.random.categorical(sorted_logits, key=sub)
         return mx.take_along_axis(order, token[:, None], axis=-1)[:, 0]
     return mx.random.categorical(logits, key=sub)

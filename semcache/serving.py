@@ -34,6 +34,7 @@ class Generation:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     priority: int = 0
+    continue_final: bool = False  # a trailing assistant message is a prefill to continue
 
 
 def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
@@ -92,13 +93,13 @@ class Service:
         if not self.loaded:
             raise ApiError(Kind.OVERLOADED, "the model is still loading", retry_after=2)
 
-    async def tokenize(self, messages: list[ChatMessage]) -> list[int]:
+    async def tokenize(self, messages: list[ChatMessage], continue_final: bool = False) -> list[int]:
         """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes)."""
         self.require_loaded()
         if self._renderer is None:
             self._renderer = PromptRenderer(self.engine.tokenizer)
         try:
-            return await asyncio.to_thread(self._renderer.render, messages)
+            return await asyncio.to_thread(self._renderer.render, messages, continue_final)
         except ApiError:
             raise
         except Exception as exc:  # jinja templates raise on histories they do not accept
@@ -106,7 +107,7 @@ class Service:
 
     async def start(self, gen: Generation) -> Sequence:
         """Queue the generation and wait for its slot; the caller must abort the Sequence when done."""
-        prompt_ids = await self.tokenize(gen.messages)
+        prompt_ids = await self.tokenize(gen.messages, gen.continue_final)
         context = self.engine.info.context_length
         if len(prompt_ids) >= context:
             raise invalid(

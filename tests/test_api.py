@@ -96,6 +96,30 @@ class TestAnthropicMessages:
         r = await client.post("/v1/messages?beta=true", json=req, headers={"anthropic-version": "2026-10-21"})
         assert r.status == 200
 
+    async def test_system_role_in_messages(self, make_client):
+        """A leading system message is accepted; one after other turns is a 400 naming it."""
+        client = await make_client()
+        first = {**MSG, "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]}
+        assert (await client.post("/v1/messages", json=first)).status == 200
+        late = {**MSG, "messages": [{"role": "user", "content": "U"}, {"role": "system", "content": "S"}]}
+        r = await client.post("/v1/messages", json=late)
+        assert r.status == 400
+        assert_anthropic_error(await r.json(), "invalid_request_error", "system")
+
+    async def test_prefill_with_trailing_whitespace_is_400(self, make_client):
+        """A final assistant message ending in whitespace is refused, as the real API does."""
+        client = await make_client()
+        req = {**MSG, "messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A "}]}
+        r = await client.post("/v1/messages", json=req)
+        assert r.status == 400
+        assert_anthropic_error(await r.json(), "invalid_request_error", "trailing whitespace")
+
+    async def test_error_body_carries_request_id(self, make_client):
+        """Anthropic error bodies carry the same request_id as the request-id header."""
+        client = await make_client()
+        r = await client.post("/v1/messages", json={"model": "m"})
+        assert (await r.json())["request_id"] == r.headers["request-id"]
+
     async def test_count_tokens_equals_usage_input_sum(self, make_client):
         """count_tokens returns only input_tokens, equal to the three usage input counters' sum."""
         client = await make_client()
@@ -183,6 +207,26 @@ class TestOpenAIChat:
             assert "".join(c["delta"].get("content", "") for c in mine) == FAKE_REPLY
             assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["stop"]
         assert chunks[-1]["usage"]["completion_tokens"] == 22
+
+    async def test_n_above_max_active_is_400(self, make_client):
+        """More choices than can run at once is refused up front."""
+        client = await make_client(max_active=2)
+        r = await client.post("/v1/chat/completions", json={**CHAT, "n": 3})
+        assert r.status == 400
+        assert_openai_error(await r.json(), "max_active")
+
+    async def test_n_choices_all_aborted_on_disconnect(self, make_client, tokenizer):
+        """A client that leaves an n=3 request frees all three sequences."""
+        engine = FakeEngine(tokenizer, reply="word " * 500, step_delay=0.01)
+        client = await make_client(engine=engine)
+        task = asyncio.create_task(client.post("/v1/chat/completions", json={**CHAT, "n": 3, "max_tokens": 1000}))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        for _ in range(300):
+            if len(engine.released) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(engine.released) == 3 and not engine.active
 
     async def test_n_out_of_range_is_400(self, make_client):
         """n must be between 1 and 16."""

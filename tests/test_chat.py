@@ -53,7 +53,26 @@ class TestPromptRenderer:
         assert text.startswith("<|im_start|>system\n")
         assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
-    def test_trailing_assistant_message_is_continued(self, tokenizer):
-        """A final assistant message is a prefill: the prompt ends with its text, not a closed turn."""
-        ids = PromptRenderer(tokenizer).render([ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello")])
-        assert tokenizer.decode(ids).endswith("<|im_start|>assistant\nHello")
+    def test_trailing_assistant_message_is_continued_on_request(self, tokenizer):
+        """With continue_final the prompt ends with the assistant's text; without, a new turn opens."""
+        chat = [ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello")]
+        assert tokenizer.decode(PromptRenderer(tokenizer).render(chat, continue_final=True)).endswith(
+            "<|im_start|>assistant\nHello")
+        assert tokenizer.decode(PromptRenderer(tokenizer).render(chat)).endswith(
+            "Hello<|im_end|>\n<|im_start|>assistant\n")
+
+    def test_consecutive_turns_of_one_role_are_joined(self, tokenizer):
+        """Two user messages in a row become one user turn."""
+        ids = PromptRenderer(tokenizer).render([ChatMessage("user", "a"), ChatMessage("user", "b")])
+        assert tokenizer.decode(ids).count("<|im_start|>user") == 1
+
+    def test_chatml_fallback_template(self, tokenizer):
+        """GGUF files without a template get ChatML."""
+        from copy import deepcopy
+
+        from semcache.gguf import CHATML_TEMPLATE
+
+        tok = deepcopy(tokenizer)
+        tok.chat_template = CHATML_TEMPLATE
+        text = tok.decode(PromptRenderer(tok).render([ChatMessage("system", "S"), ChatMessage("user", "U")]))
+        assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"

@@ -146,6 +146,16 @@ class TestTinyModel:
         c = engine._executor.submit(sample, 7, 102).result()
         assert a == b and a != c
 
+    def test_top_p_zero_is_greedy(self, engine, tokenizer):
+        """top_p=0 keeps only the most likely token, at any temperature."""
+        from semcache.batch import Row
+        from semcache.sampling import sample_row
+
+        logits = mx.array([[0.0, 5.0, 1.0, 2.0]])
+        row = Row(1, SamplingParams(temperature=1.0, top_p=0.0, seed=3))
+        picks = engine._executor.submit(lambda: [sample_row(logits, row).item() for _ in range(20)]).result()
+        assert picks == [1] * 20
+
     def test_kv_bytes_per_token(self, engine):
         """K and V, every layer, every KV head, float32."""
         assert kv_bytes_per_token(engine.model, 4) == 2 * 2 * 2 * 16 * 4
