@@ -134,6 +134,15 @@ class Scheduler:
             self._num_waiting -= 1
         self._finish(seq, Finished(FinishReason.ABORT), Status.ABORTED)
 
+    def check_integrity(self) -> None:
+        """Assert the bookkeeping invariants (tests call this before every step and when done)."""
+        queued = [seq for _, seq in list(self._waiting) + list(self.queue._queue)]  # type: ignore[attr-defined]
+        assert self._num_waiting == sum(1 for seq in queued if not seq.is_done), "num_waiting drifted"
+        assert all(seq.status is Status.RUNNING for seq in self._running.values())
+        assert self._kv_reserved == sum(self.kv_need(seq) for seq in self._running.values()), "KV drifted"
+        assert set(self._text) == set(self._running), "text state for a sequence that is not running"
+        assert self._kv_reserved <= self.limits.kv_budget and len(self._running) <= self.limits.max_active
+
     # The loop --------------------------------------------------------------------------------
 
     async def run(self) -> None:

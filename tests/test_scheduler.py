@@ -14,6 +14,18 @@ async def started(engine, **limits) -> tuple[Scheduler, asyncio.Task]:
     limits.setdefault("batch_wait", 0.0)
     scheduler = Scheduler(engine, Limits(**limits))
     scheduler.ready = True
+    _schedulers.append(scheduler)
+    original = engine.step
+
+    async def checked_step(admit, release):
+        try:
+            scheduler.check_integrity()
+        except AssertionError as exc:  # the loop would swallow it as an engine failure
+            _violations.append(exc)
+            raise
+        return await original(admit, release)
+
+    engine.step = checked_step
     return scheduler, asyncio.create_task(scheduler.run())
 
 
@@ -21,10 +33,20 @@ def seq(n_prompt=10, max_tokens=4, priority=0) -> Sequence:
     return Sequence(prompt_ids=list(range(1, n_prompt + 1)), max_tokens=max_tokens, priority=priority)
 
 
+_schedulers: list[Scheduler] = []
+_violations: list[AssertionError] = []
+
+
 @pytest.fixture
 async def stop_tasks():
+    """Cancels the loop tasks after the test, having checked every scheduler's invariants."""
     tasks = []
+    _schedulers.clear()
+    _violations.clear()
     yield tasks
+    assert not _violations, f"invariant broken during the test: {_violations[0]}"
+    for scheduler in _schedulers:
+        scheduler.check_integrity()
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
