@@ -75,7 +75,7 @@ def run(out: Path, runs: int = 3, max_tokens: int = 64, peer: bool = True, workd
             pr = peer_ctx.__enter__()
             targets["mlx_lm.server"] = {"base": pr[0], "pid": pr[1], "health": "/health", "ready_s": pr[2]}
         try:
-            for name, t in targets.items():
+            for t in targets.values():
                 asyncio.run(client.run_concurrent(t["base"], 1, 8))  # warm-up
                 t["rss_after_load_mb"] = client.rss_mb(t["pid"])
             for r in range(runs):

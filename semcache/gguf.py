@@ -7,6 +7,7 @@ q/k are permuted for interleaved RoPE (so rope_traditional=True), embeddings may
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
