@@ -91,10 +91,6 @@ class Batcher:
         self._split = family in _SPLITTABLE and hasattr(model, "model")
         self._head_t = self._transposed_head() if self._split else None
 
-    @property
-    def num_active(self) -> int:
-        return len(self.prefills) + len(self.decoding.rows)
-
     def step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
         """Drop `release`, queue `admit` for prefill, advance everything: {seq_id: new token}."""
         if release:
@@ -136,20 +132,31 @@ class Batcher:
     # Prefill ----------------------------------------------------------------------------------
 
     def _prefill(self) -> dict[int, int]:
-        """One chunk of the first long prompt, or as many short fresh prompts as fit the budget.
+        """Prompt work for one step, bounded by the prefill budget.
 
-        The budget bounds how long running streams wait; with none running, a burst of short
-        prompts may form a group IDLE_GROUP_FACTOR times larger (one bigger batch is cheaper).
+        Short fresh prompts (each at most one chunk) are prefilled together as a group; a long
+        prompt advances one chunk. When both kinds wait, each gets half the budget, so a long
+        prompt never holds short requests back for its whole prefill, and still always progresses.
+        The budget bounds how long running streams wait; with none running, a group may be
+        IDLE_GROUP_FACTOR times larger (one bigger batch is cheaper).
         """
-        first = self.prefills[0]
-        if first.done or first.remaining > self.prefill_chunk:
-            return self._prefill_one(first)
-        budget = self.prefill_chunk * (1 if self.decoding.rows else IDLE_GROUP_FACTOR)
+        shorts = [p for p in self.prefills if not p.done and p.remaining <= self.prefill_chunk]
+        longs = [p for p in self.prefills if p.done or p.remaining > self.prefill_chunk]
+        share = 2 if shorts and longs else 1
+        out: dict[int, int] = {}
+        if shorts:
+            budget = self.prefill_chunk * (1 if self.decoding.rows else IDLE_GROUP_FACTOR) // share
+            out.update(self._prefill_shorts(shorts, budget))
+        if longs:
+            out.update(self._prefill_one(longs[0], max(1, self.prefill_chunk // share)))
+        return out
+
+    def _prefill_shorts(self, shorts: list[_Prefill], budget: int) -> dict[int, int]:
+        """The first short prompt and as many following ones as fit `budget` (at least one)."""
+        first = shorts[0]
         group, shared = [first], len(first.admission.prompt_ids) - 1
-        for p in self.prefills[1:]:
+        for p in shorts[1:]:
             ids = p.admission.prompt_ids
-            if p.done or len(ids) > self.prefill_chunk:
-                break
             lcp = min(shared, common_prefix(ids, first.admission.prompt_ids), len(ids) - 1)
             members = group + [p]
             longest = max(len(q.admission.prompt_ids) for q in members)
@@ -160,10 +167,11 @@ class Batcher:
             return self._prefill_group(group)
         return self._prefill_shared(group, shared)
 
-    def _prefill_one(self, p: _Prefill) -> dict[int, int]:
+    def _prefill_one(self, p: _Prefill, chunk: int) -> dict[int, int]:
+        """The next `chunk` tokens of a long prompt; on its last chunk it joins the decode batch."""
         if p.cache is None:
             p.cache = [KVCache() for _ in self.model.layers]
-        n = min(self.prefill_chunk, p.remaining)
+        n = min(chunk, p.remaining)
         ids = mx.array([p.admission.prompt_ids[p.done : p.done + n]])
         p.done += n
         if p.remaining:

@@ -146,6 +146,26 @@ class TestTinyModel:
         c = engine._executor.submit(sample, 7, 102).result()
         assert a == b and a != c
 
+    def test_short_prompt_is_not_held_behind_a_long_one(self, engine, tokenizer):
+        """A short prompt admitted after a long one gets its first token before the long prefill ends."""
+        long_ids = tokenizer.encode("word " * (3 * engine.prefill_chunk), add_special_tokens=False)
+        short_ids = prompts(tokenizer)[2]
+
+        def run():
+            first_token_step = {}
+            admit = [Admission(1, long_ids, GREEDY), Admission(2, short_ids, GREEDY)]
+            for step in range(40):
+                for seq_id in engine.batcher.step(admit, []):
+                    first_token_step.setdefault(seq_id, step)
+                admit = []
+                if len(first_token_step) == 2:
+                    break
+            engine.batcher.step([], [1, 2])
+            return first_token_step
+
+        steps = engine._executor.submit(run).result()
+        assert steps[2] == 0 and steps[1] > 0
+
     def test_top_p_zero_is_greedy(self, engine, tokenizer):
         """top_p=0 keeps only the most likely token, at any temperature."""
         from semcache.batch import Row
