@@ -149,9 +149,14 @@ def first_difference(got: str, want: str) -> str:
     return f"first difference at token {t}, character {c}: {got!r} vs {want!r}"
 
 
+LONG_PROMPT = "Summarise this text in one sentence.\n\n" + " ".join(
+    f"Paragraph {i}: the river town of Vell kept its bridges in good repair, and every spring the "
+    f"council counted the boats that passed under bridge number {i}." for i in range(20))
+
+
 @pytest.fixture(scope="module")
-def reference_texts():
-    """Greedy answers from a plain mlx-lm loop (generate_step) on the same weights, in this process."""
+def plain_loop():
+    """Greedy answers from a plain mlx-lm loop (generate_step: one-shot prefill) on the same weights."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
@@ -160,16 +165,22 @@ def reference_texts():
 
     loaded = load_model(None)
     renderer = PromptRenderer(loaded.tokenizer)
-    texts = []
-    for prompt in PROMPTS:
+
+    def answer(prompt: str) -> str:
         ids = renderer.render([ChatMessage("user", prompt)])
         out = []
         for token, _ in generate_step(mx.array(ids), loaded.model, max_tokens=24):
             if token in loaded.eos_token_ids:
                 break
             out.append(token)
-        texts.append(loaded.tokenizer.decode(out))
-    return texts
+        return loaded.tokenizer.decode(out)
+
+    return answer
+
+
+@pytest.fixture(scope="module")
+def reference_texts(plain_loop):
+    return [plain_loop(prompt) for prompt in PROMPTS]
 
 
 @pytest.mark.slow
@@ -182,6 +193,11 @@ class TestExactness:
         """One request alone: token-identical (compared as text) to the plain loop."""
         got = self.ask(oai, PROMPTS[1])
         want = reference_texts[1]
+        assert got == want, first_difference(got, want)
+
+    def test_long_prompt_chunked_prefill_matches_one_shot(self, oai, plain_loop):
+        """A ~700-token prompt, prefilled by the server in 256-token chunks, answers as the one-shot loop."""
+        got, want = self.ask(oai, LONG_PROMPT), plain_loop(LONG_PROMPT)
         assert got == want, first_difference(got, want)
 
     def test_greedy_batched_with_seven_others_matches(self, oai, reference_texts):
