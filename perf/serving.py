@@ -32,9 +32,11 @@ def machine_info() -> dict:
             versions[dist] = None
     import os
 
+    # Child processes (semcache and the peer) inherit OPENBLAS_CORETYPE, so both use the same kernels.
     return {"os": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cores": os.cpu_count(), "memory_gb": round(int(mem) / 1024**2, 1) if mem else None,
-            "blas": semcache.BLAS_INFO, "versions": versions}
+            "blas": semcache.BLAS_INFO, "openblas_coretype_for_all": os.environ.get("OPENBLAS_CORETYPE"),
+            "versions": versions}
 
 
 class BareLoop:
