@@ -57,7 +57,7 @@ def kv_bytes_per_token(model: Any, itemsize: int) -> int:
 
 
 class MLXEngine:
-    """Continuous batching on mlx-lm models; see the module docstring for one step's anatomy."""
+    """Continuous batching on mlx-lm models: loading and every Batcher step (batch.py) on one thread."""
 
     def __init__(self, model_spec: str | None = None, prefill_chunk: int = 256, loader=None):
         self.model_spec = model_spec
