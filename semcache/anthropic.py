@@ -146,11 +146,7 @@ def _message(body: MessagesRequest, msg_id: str, content: list, seq: Sequence, f
 async def messages(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = decode_body(await request.read(), _messages_decoder)
-    sampling = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-    )
+    sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k)
     gen = Generation(
         messages=chat_messages(body),
         max_tokens=body.max_tokens,

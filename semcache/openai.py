@@ -143,12 +143,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     _check(body)
     max_tokens = body.max_completion_tokens or body.max_tokens or service.config.default_max_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    sampling = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0),
-        seed=body.seed,
-    )
+    sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k, body.seed)
     gen = Generation(
         messages=chat_messages(body),
         max_tokens=max_tokens,

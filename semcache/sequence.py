@@ -34,6 +34,17 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
 
+    @classmethod
+    def from_request(cls, temperature: float | None, top_p: float | None, top_k: int | None,
+                     seed: int | None = None) -> "SamplingParams":
+        """Unset fields keep the defaults above; top_k <= 0 (vLLM's -1 included) means no top-k."""
+        return cls(
+            temperature=cls.temperature if temperature is None else temperature,
+            top_p=cls.top_p if top_p is None else top_p,
+            top_k=max(0, top_k or 0),
+            seed=seed,
+        )
+
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1
