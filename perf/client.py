@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import subprocess
 import time
 
@@ -130,10 +129,6 @@ def percentiles(values: list[float], ps=(50, 95)) -> dict:
         k = min(len(values) - 1, max(0, int(round(p / 100 * len(values) + 0.5)) - 1))
         out[f"p{p}"] = values[k]
     return out
-
-
-def median(values):
-    return statistics.median(values)
 
 
 def rss_mb(pid: int) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -116,7 +117,7 @@ def summary(r: dict) -> str:
 
 
 def compare(report: dict) -> dict:
-    med = client.median
+    med = statistics.median
     rounds = report["rounds"]
     sc = [r["semcache"] for r in rounds]
     out = {

@@ -64,9 +64,14 @@ def embedded_model_path() -> Path:
     )
 
 
+def _model_path(spec: str | None) -> Path:
+    """The embedded GGUF for no spec, else the spec as a path (a repo id is not one on disk)."""
+    return embedded_model_path() if not spec else Path(spec).expanduser()
+
+
 def describe(spec: str | None) -> str:
     """'path (N MB)' for the start-up log, before anything is loaded."""
-    path = embedded_model_path() if not spec else Path(spec).expanduser()
+    path = _model_path(spec)
     if path.is_file():
         return f"{path} ({path.stat().st_size / 1e6:.0f} MB)"
     if path.is_dir():
@@ -87,7 +92,7 @@ def compute_backend() -> str:
 
 def load_model(spec: str | None) -> LoadedModel:
     """Load `spec` (None = embedded default; a .gguf file; an mlx-lm folder; an HF repo id)."""
-    path = embedded_model_path() if not spec else Path(spec).expanduser()
+    path = _model_path(spec)
     backend = compute_backend()
     if path.suffix == ".gguf" or (spec is None):
         if not path.is_file():
