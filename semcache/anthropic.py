@@ -12,6 +12,7 @@ from msgspec import Meta, Struct
 from semcache import sse
 from semcache.chat import ChatMessage
 from semcache.errors import anthropic_body, invalid, unsupported
+from semcache.identity import identity
 from semcache.keys import SERVICE
 from semcache.sequence import FinishReason, SamplingParams, Sequence
 from semcache.serving import Generation, decode_body, failure, parse_priority
@@ -25,6 +26,7 @@ STOP_REASONS = {
 
 class TextBlock(Struct, tag="text"):
     text: str
+    cache_control: Union[dict, None] = None
 
 
 class ImageBlock(Struct, tag="image"):
@@ -101,6 +103,28 @@ def _block_text(content: Union[str, list], where: str) -> str:
     return "\n".join(parts)
 
 
+def breakpoint_messages(body: _Prompt) -> list[ChatMessage] | None:
+    """The conversation cut after the last block marked with cache_control (None: no mark)."""
+    system = body.system if isinstance(body.system, list) else []
+    cut = None
+    for j, block in enumerate(system):
+        if block.cache_control is not None:
+            cut = (-1, j)
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for j, block in enumerate(message.content):
+                if getattr(block, "cache_control", None) is not None:
+                    cut = (i, j)
+    if cut is None:
+        return None
+    i, j = cut
+    if i < 0:
+        return [ChatMessage("system", _block_text(system[: j + 1], "system"))]
+    head = chat_messages(body)[: i + (1 if body.system else 0)]
+    message = body.messages[i]
+    return head + [ChatMessage(message.role, _block_text(message.content[: j + 1], f"messages[{i}].content"))]
+
+
 def chat_messages(body: _Prompt) -> list[ChatMessage]:
     """The conversation as template-ready messages; unsupported features are a 400 naming the field."""
     if body.tools:
@@ -120,11 +144,15 @@ def chat_messages(body: _Prompt) -> list[ChatMessage]:
 
 
 def usage(seq: Sequence) -> dict:
+    """As the real API defines them, the three input counters add up to the prompt's tokens: read
+    from the cache, written to it (not reused, up to the last cache_control mark), and the rest."""
+    read = seq.num_cached_tokens
+    creation = max(0, min(seq.cache_breakpoint, seq.num_prompt_tokens) - read)
     return {
-        "input_tokens": seq.num_prompt_tokens,
+        "input_tokens": seq.num_prompt_tokens - read - creation,
         "output_tokens": seq.num_output_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": creation,
+        "cache_read_input_tokens": read,
     }
 
 
@@ -147,6 +175,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = decode_body(await request.read(), _messages_decoder)
     sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k)
+    tenant, agent = identity(request)
     gen = Generation(
         messages=chat_messages(body),
         max_tokens=body.max_tokens,
@@ -154,6 +183,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
         stop=tuple(body.stop_sequences or ()),
         priority=parse_priority(request.headers.get("X-Priority"), body.priority),
         continue_final=True,  # Anthropic "prefill": the answer continues a final assistant turn
+        tenant=tenant,
+        agent=agent,
+        breakpoint=breakpoint_messages(body),
     )
     seq = await service.start(gen)
     try:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from aiohttp import web
 
-from semcache import anthropic, middleware, openai
+from semcache import agents, anthropic, middleware, openai
 from semcache.blas import BLAS_INFO, INSTALL_HINT, is_slow
 from semcache.config import Config
 from semcache.engine import Engine
 from semcache.errors import ApiError, Kind
-from semcache.keys import CONFIG, SERVICE
+from semcache.keys import CONFIG, METRICS, SERVICE
+from semcache.kvcache import AgentCache, CacheLimits
+from semcache.metrics import Metrics
 from semcache.scheduler import Limits, Scheduler
 from semcache.serving import Service
 
@@ -22,6 +25,7 @@ log = logging.getLogger("semcache")
 LOAD_TASK: web.AppKey[asyncio.Task] = web.AppKey("load_task")
 # Set by `semcache serve` once the port is bound, so loading starts (and logs) after binding.
 BOUND: web.AppKey[asyncio.Event] = web.AppKey("bound")
+EXPIRE_EVERY = 600.0  # seconds between sweeps for cache entries past their TTL
 
 
 def make_app(config: Config, engine: Engine | None = None) -> web.Application:
@@ -43,7 +47,9 @@ def make_app(config: Config, engine: Engine | None = None) -> web.Application:
         stream_buffer=config.stream_buffer,
         batch_wait=config.batch_wait,
     )
-    app[SERVICE] = Service(config, engine, Scheduler(engine, limits))
+    app[METRICS] = metrics = Metrics()
+    cache = make_cache(config, metrics) if config.cache_enabled else None
+    app[SERVICE] = Service(config, engine, Scheduler(engine, limits, cache), cache)
     app.on_response_prepare.append(middleware.add_request_id)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.add_routes([
@@ -57,8 +63,22 @@ def make_app(config: Config, engine: Engine | None = None) -> web.Application:
         web.get("/v1/models", list_models),
         web.get("/v1/models/{model_id}", get_model),
         web.get("/models", list_models),
+        web.get("/metrics", metrics_endpoint),
+        *agents.routes(),
     ])
     return app
+
+
+def make_cache(config: Config, metrics: Metrics) -> AgentCache:
+    limits = CacheLimits(
+        memory_budget=config.cache_memory_budget,
+        disk_budget=config.cache_disk_budget,
+        ttl=config.cache_ttl,
+        min_prefix=config.cache_min_prefix,
+        encoding=config.cache_disk_encoding,
+        write_through=config.cache_write_through,
+    )
+    return AgentCache(limits, Path(config.cache_dir).expanduser(), metrics)
 
 
 async def _engine_lifecycle(app: web.Application):
@@ -72,6 +92,8 @@ async def _engine_lifecycle(app: web.Application):
         await task
     except (asyncio.CancelledError, Exception):
         pass
+    if service.cache is not None:
+        await service.cache.close()  # memory entries not yet on disk are written now
     await service.engine.close()
 
 
@@ -79,6 +101,8 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
     if BOUND in app:
         await app[BOUND].wait()
     engine = service.engine
+    if service.cache is not None:
+        await service.cache.lock()  # before the model: a second daemon on this folder fails fast
     log.info("model loading: %s", _describe_model(service.config.model))
     if is_slow(BLAS_INFO):
         log.warning("BLAS: %s; CPU inference will be ~30x slower. Install OpenBLAS: %s", BLAS_INFO, INSTALL_HINT)
@@ -95,9 +119,18 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
         getattr(engine, "load_seconds", 0.0) or 0.0, info.model_id, info.path,
         info.nbytes / 1e6, info.dtype, info.backend, info.context_length,
     )
+    cache = service.cache
+    if cache is not None:
+        await cache.open(info.fingerprint)
     service.scheduler.ready = True
     log.info("ready")
-    await service.scheduler.run()
+    await asyncio.gather(service.scheduler.run(), _expire_loop(cache))
+
+
+async def _expire_loop(cache: AgentCache | None) -> None:
+    while cache is not None:
+        await asyncio.sleep(EXPIRE_EVERY)
+        cache.expire()
 
 
 def _describe_model(spec: str | None) -> str:
@@ -161,3 +194,8 @@ async def get_model(request: web.Request) -> web.Response:
     if "anthropic-version" in request.headers:
         return web.json_response(anthropic.model_info(info.model_id, info.context_length))
     return web.json_response(openai.model_object(info.model_id))
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type})

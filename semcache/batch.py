@@ -9,11 +9,13 @@ logits only for the last position (the vocabulary projection is a fifth of the m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection, NamedTuple
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from semcache.kvdata import KVData
 from semcache.sampling import sample_row
 from semcache.sequence import SamplingParams
 
@@ -31,6 +33,12 @@ class Admission:
     seq_id: int
     prompt_ids: list[int]
     sampling: SamplingParams
+    prefix: KVData | None = None  # a cache hit: KV of the first prefix.num_tokens prompt ids
+
+
+class StepResult(NamedTuple):
+    tokens: dict[int, int]  # seq_id -> the token it sampled this step
+    kept: dict[int, KVData]  # seq_id -> KV of a released sequence that asked to keep it
 
 
 @dataclass(eq=False)
@@ -75,6 +83,36 @@ def _group_cost(size: int, longest: int, shared: int) -> int:
     return shared + size * (longest - shared)
 
 
+def _restore(keys: np.ndarray, values: np.ndarray, dtype: str) -> KVCache:
+    """A fresh KVCache holding a copy of stored arrays (the stored entry is never written to)."""
+    c = KVCache()
+    c.keys, c.values = _to_mx(keys, dtype), _to_mx(values, dtype)
+    c.offset = keys.shape[2]
+    return c
+
+
+def _to_mx(a: np.ndarray, dtype: str) -> mx.array:
+    out = mx.array(a)
+    return out.view(mx.bfloat16) if dtype == "bfloat16" else out
+
+
+def _to_np(a: mx.array) -> np.ndarray:
+    a = mx.contiguous(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+    mx.eval(a)
+    return np.array(a, copy=True)
+
+
+def _snapshot(cache: list[Any], row: int) -> KVData:
+    """Copy one row's KV (prompt and generated tokens so far) out of the decode batch."""
+    layers = []
+    for c in cache:
+        single = c if isinstance(c, KVCache) else c.extract(row)
+        n = single.offset
+        layers.append((_to_np(single.keys[..., :n, :]), _to_np(single.values[..., :n, :])))
+    dtype = str(cache[0].keys.dtype).rsplit(".", 1)[-1]
+    return KVData(tuple(layers), dtype)
+
+
 def _as_batch(cache: Any) -> BatchKVCache:
     return cache if isinstance(cache, BatchKVCache) else BatchKVCache.merge([cache])
 
@@ -91,32 +129,42 @@ class Batcher:
         self._split = family in _SPLITTABLE and hasattr(model, "model")
         self._head_t = self._transposed_head() if self._split else None
 
-    def step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
-        """Drop `release`, queue `admit` for prefill, advance everything: {seq_id: new token}."""
-        if release:
-            self._release(set(release))
-        self.prefills.extend(_Prefill(a, Row(a.seq_id, a.sampling)) for a in admit)
+    def step(self, admit: list[Admission], release: list[int], keep: Collection[int] = ()) -> StepResult:
+        """Drop `release` (copying out the KV of those in `keep`), queue `admit` for prefill (a hit
+        starts from its own copy of the cached prefix), and advance everything one step."""
+        kept = self._release(set(release), set(keep)) if release else {}
+        self.prefills.extend(self._admitted(a) for a in admit)
         out = self._decode() if self.decoding.rows else {}
         if self.prefills:
             out.update(self._prefill())
-        return out
+        return StepResult(out, kept)
 
-    def _release(self, ids: set[int]) -> None:
+    def _admitted(self, a: Admission) -> _Prefill:
+        p = _Prefill(a, Row(a.seq_id, a.sampling))
+        if a.prefix is not None and a.prefix.num_tokens:
+            p.cache = [_restore(k, v, a.prefix.dtype) for k, v in a.prefix.layers]
+            p.done = a.prefix.num_tokens
+            mx.eval([(c.keys, c.values) for c in p.cache])
+        return p
+
+    def _release(self, ids: set[int], keep: set[int]) -> dict[int, KVData]:
         self.prefills = [p for p in self.prefills if p.admission.seq_id not in ids]
         d = self.decoding
-        keep = [i for i, row in enumerate(d.rows) if row.seq_id not in ids]
-        if len(keep) == len(d.rows):
-            return
-        if not keep:
+        kept = {row.seq_id: _snapshot(d.cache, i) for i, row in enumerate(d.rows) if row.seq_id in keep}
+        rest = [i for i, row in enumerate(d.rows) if row.seq_id not in ids]
+        if len(rest) == len(d.rows):
+            return kept
+        if not rest:
             self.decoding = _Decoding()
-            return
-        d.rows = [d.rows[i] for i in keep]
-        index = mx.array(keep)
+            return kept
+        d.rows = [d.rows[i] for i in rest]
+        index = mx.array(rest)
         for c in d.cache:
-            c.filter(keep)
-        if len(keep) == 1:
+            c.filter(rest)
+        if len(rest) == 1:
             d.cache = [c.extract(0) for c in d.cache]
         d.inputs = d.inputs[index]
+        return kept
 
     def _decode(self) -> dict[int, int]:
         """One new token per row, all rows in one forward pass.

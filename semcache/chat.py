@@ -18,17 +18,28 @@ class PromptRenderer:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
 
-    def render(self, messages: list[ChatMessage], continue_final: bool = False) -> list[int]:
+    def render(self, messages: list[ChatMessage], continue_final: bool = False, generate: bool = True) -> list[int]:
         """Token ids for `messages`. Consecutive turns of one role are joined (strict templates reject
-        them); with `continue_final`, a trailing assistant message is continued, not closed."""
+        them); with `continue_final`, a trailing assistant message is continued, not closed; without
+        `generate`, no assistant turn is opened (the warm-up prompt of /v1/agents/{id}/warm)."""
+        return self.tokenizer.encode(self.text(messages, continue_final, generate), add_special_tokens=False)
+
+    def text(self, messages: list[ChatMessage], continue_final: bool = False, generate: bool = True) -> str:
         messages = merge_turns(messages)
         prefill = ""
         if continue_final and messages and messages[-1].role == "assistant":
             prefill = messages[-1].content
             messages = messages[:-1]
         dicts = [{"role": m.role, "content": m.content} for m in messages]
-        text = self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text + prefill, add_special_tokens=False)
+        return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generate) + prefill
+
+    def count_prefix(self, messages: list[ChatMessage], head: list[ChatMessage]) -> int:
+        """Prompt tokens up to the end of `head`, a truncation of `messages` (a cache_control mark):
+        the tokens of the longest text the two renderings share."""
+        full = self.text(messages)
+        part = self.text(head, generate=False)
+        n = next((i for i, (a, b) in enumerate(zip(full, part)) if a != b), min(len(full), len(part)))
+        return len(self.tokenizer.encode(full[:n], add_special_tokens=False))
 
 
 def merge_turns(messages: list[ChatMessage]) -> list[ChatMessage]:

@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import msgspec
 from msgspec import Meta
@@ -21,7 +21,9 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
           "tb": 1000**4, "tib": 1024**4}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_SIZE_KEYS = ("kv_budget", "max_body")
+_SIZE_KEYS = ("kv_budget", "max_body", "cache_memory_budget", "cache_disk_budget")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 Positive = Annotated[int, Meta(ge=1)]
 Seconds = Annotated[float, Meta(gt=0)]
@@ -48,6 +50,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     backlog: Positive = 1024
     api_keys: list[str] = []
     log_level: str = "info"
+    # The agent cache (DESIGN.md §3): byte budgets per tier, entry lifetime, smallest useful hit.
+    cache_enabled: bool = True
+    cache_memory_budget: Annotated[int, Meta(ge=0)] = 2 << 30
+    cache_disk_budget: Annotated[int, Meta(ge=0)] = 20 << 30
+    cache_ttl: Seconds = 7 * 86400.0
+    cache_min_prefix: Positive = 64
+    cache_disk_encoding: Literal["native", "int8", "int4"] = "native"
+    cache_write_through: bool = True
 
 
 FIELDS = frozenset(Config.__struct_fields__)
@@ -62,6 +72,16 @@ def parse_size(value: Any, key: str = "size") -> int:
     if match is None or unit not in _UNITS:
         raise ConfigError(f"{key}: {value!r} is not a size (try 4GiB, 512MiB or a byte count)")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """Seconds from a number or a string like '90s', '15m', '12h', '7d'."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION_RE.match(str(value).lower())
+    if match is None:
+        raise ConfigError(f"{key}: {value!r} is not a duration (try 3600, 90s, 15m, 12h or 7d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -106,6 +126,8 @@ def load_config(
     for key in _SIZE_KEYS:
         if key in merged:
             merged[key] = parse_size(merged[key], key)
+    if "cache_ttl" in merged:
+        merged["cache_ttl"] = parse_duration(merged["cache_ttl"], "cache_ttl")
     try:
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:

@@ -12,9 +12,9 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Collection, Protocol
 
-from semcache.batch import Admission, Batcher
+from semcache.batch import Admission, Batcher, StepResult
 
 log = logging.getLogger("semcache.engine")
 
@@ -41,8 +41,9 @@ class Engine(Protocol):
     async def load(self) -> None:
         """Load model and tokenizer (on the engine's own thread); sets `info` and `tokenizer`."""
 
-    async def step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
-        """Drop `release`, take in `admit`, advance everything one step: {seq_id: new token id}."""
+    async def step(self, admit: list[Admission], release: list[int], keep: Collection[int] = ()) -> StepResult:
+        """Drop `release` (returning the KV of those in `keep`), take in `admit` (starting from
+        their cached prefix), and advance everything one step."""
 
     async def close(self) -> None:
         """Free the model and stop the engine thread."""
@@ -99,12 +100,12 @@ class MLXEngine:
             fingerprint=loaded.fingerprint,
         )
 
-    async def step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
-        return await self._run(self._step, admit, release)
+    async def step(self, admit: list[Admission], release: list[int], keep: Collection[int] = ()) -> StepResult:
+        return await self._run(self._step, admit, release, keep)
 
-    def _step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
+    def _step(self, admit: list[Admission], release: list[int], keep: Collection[int]) -> StepResult:
         try:
-            return self.batcher.step(admit, release)
+            return self.batcher.step(admit, release, keep)
         except Exception:
             # A failed step may leave the batch half-updated: start clean (the scheduler fails
             # every running sequence) rather than decode from a cache nobody can trust.

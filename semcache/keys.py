@@ -8,7 +8,9 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from semcache.config import Config
+    from semcache.metrics import Metrics
     from semcache.serving import Service
 
 CONFIG: web.AppKey["Config"] = web.AppKey("config")
 SERVICE: web.AppKey["Service"] = web.AppKey("service")
+METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")

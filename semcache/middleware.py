@@ -11,6 +11,7 @@ import msgspec
 from aiohttp import web
 
 from semcache.errors import ApiError, Kind, anthropic_body, openai_body, status_for
+from semcache.identity import TENANT, tenant_of
 from semcache.keys import CONFIG
 
 log = logging.getLogger("semcache.http")
@@ -122,4 +123,5 @@ async def auth(request: web.Request, handler):
         ok |= hmac.compare_digest(given.encode(), key.encode())
     if not ok:
         raise ApiError(Kind.AUTHENTICATION, "invalid API key")
+    request[TENANT] = tenant_of(given)  # cache entries are scoped to the key
     return await handler(request)

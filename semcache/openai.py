@@ -15,6 +15,7 @@ from msgspec import Meta, Struct
 from semcache import sse
 from semcache.chat import ChatMessage
 from semcache.errors import invalid, openai_body, unsupported
+from semcache.identity import identity
 from semcache.keys import SERVICE
 from semcache.sequence import FinishReason, SamplingParams, Sequence
 from semcache.serving import Generation, decode_body, failure, parse_priority
@@ -132,7 +133,7 @@ def usage(seqs: list[Sequence]) -> dict:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": seqs[0].num_cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
@@ -144,6 +145,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = body.max_completion_tokens or body.max_tokens or service.config.default_max_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k, body.seed)
+    tenant, agent = identity(request)
     gen = Generation(
         messages=chat_messages(body),
         max_tokens=max_tokens,
@@ -151,6 +153,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stop=stop,
         priority=parse_priority(request.headers.get("X-Priority"), body.priority),
         continue_final=body.continue_final_message,
+        tenant=tenant,
+        agent=agent,
     )
     if body.n > service.config.max_active:
         raise invalid(f"n ({body.n}) is larger than max_active ({service.config.max_active})", param="n")

@@ -14,12 +14,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from semcache.chat import Detokenizer, StopMatcher
 from semcache.batch import Admission
+from semcache.chat import Detokenizer, StopMatcher
 from semcache.engine import Engine
+from semcache.kvcache import MISS, AgentCache, Match
 from semcache.sequence import Finished, FinishReason, Sequence, Status
 
 log = logging.getLogger("semcache.scheduler")
+# A request whose cache entry is loading from disk lets others pass this many times, then runs cold.
+MAX_CACHE_WAITS = 50
 
 
 class Overloaded(Exception):
@@ -55,9 +58,11 @@ class _TextState:
 class Scheduler:
     """Owns the priority queue and the loop task; `submit` / `abort` are its whole public surface."""
 
-    def __init__(self, engine: Engine, limits: Limits, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, engine: Engine, limits: Limits, cache: AgentCache | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.limits = limits
+        self.cache = cache
         self.clock = clock
         self.queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
         self.ready = False
@@ -67,6 +72,8 @@ class Scheduler:
         self._running: dict[int, Sequence] = {}
         self._text: dict[int, _TextState] = {}
         self._release: list[int] = []
+        self._keep: dict[int, Sequence] = {}  # released sequences whose KV goes to the agent cache
+        self._wake = asyncio.Event()  # a request arrived, or a cache entry finished loading
         self._kv_reserved = 0
         self.num_steps = 0
 
@@ -114,6 +121,8 @@ class Scheduler:
         seq.status = Status.WAITING
         self._num_waiting += 1
         self.queue.put_nowait((seq.sort_key(), seq))
+        self._wake.set()
+        self._lookup(seq)  # an entry on disk starts loading while the request waits
 
     async def wait_admitted(self, seq: Sequence) -> None:
         """Wait until `seq` runs; past max_queue_wait abort it and raise Overloaded."""
@@ -153,18 +162,23 @@ class Scheduler:
                 # Waking from idle: requests of a burst arrive a few ms apart; a short wait lets
                 # them prefill as one group instead of one alone and the rest a step later.
                 await asyncio.sleep(self.limits.batch_wait)
+            self._wake.clear()
             self._drain_queue()
             admit = self._admit()
             release, self._release = self._release, []
             if not admit and not self._running and not release:
+                if self._waiting:  # everything waiting is loading its cache from disk
+                    await self._wake.wait()
                 continue
+            keep, self._keep = self._keep, {}
             started = time.perf_counter()
             try:
-                tokens = await self.engine.step(admit, release)
+                tokens, kept = await self.engine.step(admit, release, list(keep))
             except Exception as exc:  # an engine failure ends the sequences it touched, not the loop
                 log.exception("engine step failed")
                 self._fail_running(f"engine error: {exc}")
-                continue
+                tokens, kept = {}, {}
+            self._store(keep, kept)
             self.num_steps += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("step %d: %.1f ms, admitted %d, released %d, running %d, waiting %d",
@@ -174,6 +188,14 @@ class Scheduler:
                 seq = self._running.get(seq_id)
                 if seq is not None:
                     self._on_token(seq, token)
+
+    def _store(self, keep: dict[int, Sequence], kept: dict) -> None:
+        """Give finished sequences' KV (prompt and reply) to the agent cache."""
+        for seq_id, seq in keep.items():
+            data = kept.get(seq_id)
+            entry = self.cache.put(seq.tenant, seq.agent, seq.prompt_ids + seq.output_ids, data) if data else None
+            if seq.on_stored is not None and not seq.on_stored.done():
+                seq.on_stored.set_result(entry)
 
     def _push(self, item: tuple[tuple, Sequence]) -> None:
         heapq.heappush(self._waiting, item)
@@ -185,9 +207,25 @@ class Scheduler:
             except asyncio.QueueEmpty:
                 return
 
+    def _lookup(self, seq: Sequence) -> Match | None:
+        """The sequence's cache match once resident; None while its entry loads from disk."""
+        if self.cache is None:
+            return MISS
+        match = self.cache.lookup(seq.tenant, seq.agent, seq.prompt_ids)
+        if match.entry is None:
+            return match
+        loading = self.cache.fetch(match.entry)
+        if loading is None:
+            return match
+        seq.cache_from_disk = True
+        loading.add_done_callback(lambda _: self._wake.set())
+        return None
+
     def _admit(self) -> list[Admission]:
-        """Pop waiting sequences in priority order while slots and KV budget allow (no skipping)."""
+        """Pop waiting sequences in priority order while slots and KV budget allow. Only a sequence
+        whose cache entry is still loading from disk is passed over (a few times at most)."""
         admitted: list[Admission] = []
+        loading: list[tuple[tuple, Sequence]] = []
         while self._waiting:
             _, seq = self._waiting[0]
             if seq.is_done:
@@ -196,6 +234,12 @@ class Scheduler:
             need = self.kv_need(seq)
             if len(self._running) >= self.limits.max_active or self._kv_reserved + need > self.limits.kv_budget:
                 break
+            match = self._lookup(seq)
+            if match is None and seq.num_cache_waits < MAX_CACHE_WAITS:
+                seq.num_cache_waits += 1
+                loading.append(heapq.heappop(self._waiting))
+                continue
+            match = match or MISS
             heapq.heappop(self._waiting)
             self._num_waiting -= 1
             self._kv_reserved += need
@@ -206,8 +250,17 @@ class Scheduler:
             self._text[seq.seq_id] = _TextState(Detokenizer(tokenizer), StopMatcher(seq.stop))
             if not seq.admitted.done():
                 seq.admitted.set_result(None)
-            admitted.append(Admission(seq.seq_id, seq.prompt_ids, seq.sampling))
+            admitted.append(Admission(seq.seq_id, seq.prompt_ids, seq.sampling, self._prefix(seq, match)))
+        for item in loading:
+            self._push(item)
         return admitted
+
+    def _prefix(self, seq: Sequence, match: Match):
+        if self.cache is None:
+            return None
+        self.cache.record(match, seq.cache_from_disk)
+        seq.num_cached_tokens = match.num_tokens
+        return match.entry.data.prefix(match.num_tokens) if match.entry is not None else None
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         if seq.first_token_at is None:
@@ -240,6 +293,8 @@ class Scheduler:
         if self._running.pop(seq.seq_id, None) is not None:
             self._kv_reserved -= self.kv_need(seq)
             self._release.append(seq.seq_id)
+            if self.cache is not None and finished.reason is not FinishReason.ERROR:
+                self._keep[seq.seq_id] = seq
         seq.status = status
         seq.finished = finished
         seq.events.put_nowait(finished)

@@ -75,6 +75,13 @@ class Sequence:
     arrival: float = 0.0
     admitted_at: float | None = None
     first_token_at: float | None = None
+    tenant: str = "default"
+    agent: str | None = None  # X-Agent-ID; None: an anonymous request (still gets prefix reuse)
+    num_cached_tokens: int = 0  # prompt tokens served from the agent cache
+    cache_breakpoint: int = 0  # prompt tokens up to the request's last cache_control mark
+    cache_from_disk: bool = False
+    num_cache_waits: int = 0
+    on_stored: asyncio.Future | None = None  # resolved with its cache entry (or None) once stored
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     admitted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 

@@ -16,6 +16,7 @@ import msgspec
 from semcache.chat import ChatMessage, PromptRenderer
 from semcache.config import Config
 from semcache.engine import Engine
+from semcache.kvcache import AgentCache
 from semcache.errors import ApiError, Kind, invalid
 from semcache.scheduler import Overloaded, Scheduler, TooLarge
 from semcache.sequence import Finished, FinishReason, SamplingParams, Sequence
@@ -35,6 +36,9 @@ class Generation:
     stop: tuple[str, ...] = ()
     priority: int = 0
     continue_final: bool = False  # a trailing assistant message is a prefill to continue
+    tenant: str = "default"
+    agent: str | None = None
+    breakpoint: list[ChatMessage] | None = None  # the conversation up to its last cache_control mark
 
 
 def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
@@ -75,10 +79,11 @@ def failure(finished: Finished) -> ApiError:
 class Service:
     """What handlers need from the layers below, in one place (lives under an AppKey)."""
 
-    def __init__(self, config: Config, engine: Engine, scheduler: Scheduler):
+    def __init__(self, config: Config, engine: Engine, scheduler: Scheduler, cache: AgentCache | None = None):
         self.config = config
         self.engine = engine
         self.scheduler = scheduler
+        self.cache = cache
         self._renderer: PromptRenderer | None = None
 
     @property
@@ -93,21 +98,31 @@ class Service:
         if not self.loaded:
             raise ApiError(Kind.OVERLOADED, "the model is still loading", retry_after=2)
 
-    async def tokenize(self, messages: list[ChatMessage], continue_final: bool = False) -> list[int]:
-        """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes)."""
+    async def tokenize(self, messages: list[ChatMessage], continue_final: bool = False,
+                       generate: bool = True) -> list[int]:
+        """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes).
+        Without `generate`, the assistant turn is not opened (a prefix of any next turn's prompt)."""
+        return await self._render(self.renderer.render, messages, continue_final, generate)
+
+    @property
+    def renderer(self) -> PromptRenderer:
         self.require_loaded()
         if self._renderer is None:
             self._renderer = PromptRenderer(self.engine.tokenizer)
+        return self._renderer
+
+    async def _render(self, fn, *args):
         try:
-            return await asyncio.to_thread(self._renderer.render, messages, continue_final)
+            return await asyncio.to_thread(fn, *args)
         except ApiError:
             raise
         except Exception as exc:  # jinja templates raise on histories they do not accept
             raise invalid(f"the chat template rejected these messages: {exc}", param="messages") from None
 
-    async def start(self, gen: Generation) -> Sequence:
-        """Queue the generation and wait for its slot; the caller must abort the Sequence when done."""
-        prompt_ids = await self.tokenize(gen.messages, gen.continue_final)
+    async def start(self, gen: Generation, warm: bool = False) -> Sequence:
+        """Queue the generation and wait for its slot; the caller must abort the Sequence when done.
+        With `warm`, only prefill the conversation (no assistant turn opened) for the agent cache."""
+        prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm)
         context = self.engine.info.context_length
         if len(prompt_ids) >= context:
             raise invalid(
@@ -121,7 +136,13 @@ class Service:
             sampling=gen.sampling,
             stop=gen.stop,
             priority=gen.priority,
+            tenant=gen.tenant,
+            agent=gen.agent,
         )
+        if warm:
+            seq.on_stored = asyncio.get_running_loop().create_future()
+        if gen.breakpoint:
+            seq.cache_breakpoint = await self._render(self.renderer.count_prefix, gen.messages, gen.breakpoint)
         try:
             self.scheduler.submit(seq)
             await self.scheduler.wait_admitted(seq)

@@ -7,12 +7,14 @@ import socket
 import threading
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 from aiohttp import web
 
+from semcache.batch import Admission, StepResult
 from semcache.config import Config
-from semcache.batch import Admission
 from semcache.engine import ModelInfo
+from semcache.kvdata import KVData
 
 FAKE_REPLY = "The quick brown fox jumps over the lazy dog."
 EOS = 2
@@ -28,7 +30,9 @@ def tokenizer():
 class FakeEngine:
     """Engine protocol without a model: each sequence replays `reply` then EOS, one token a step.
 
-    Records every step's admissions and releases so tests can check what the scheduler did.
+    Records every step's admissions and releases so tests can check what the scheduler did. Its
+    "KV cache" holds each fed token id as the value, so a cache hit can be checked token by token:
+    `prefix_errors` lists every admission whose cached prefix was not its own prompt's start.
     """
 
     def __init__(self, tokenizer, reply: str = FAKE_REPLY, step_delay: float = 0.0,
@@ -40,6 +44,9 @@ class FakeEngine:
         self._info = ModelInfo("fake-model", context_length, frozenset({0, EOS}), kv_bytes_per_token)
         self.info: ModelInfo | None = None
         self.active: dict[int, int] = {}  # seq_id -> tokens produced
+        self.fed: dict[int, list[int]] = {}  # seq_id -> token ids its KV covers
+        self.hits: dict[int, int] = {}  # seq_id -> cached prefix length at admission
+        self.prefix_errors: list[int] = []
         self.admitted: list[int] = []
         self.released: list[int] = []
         self.num_steps = 0
@@ -50,26 +57,43 @@ class FakeEngine:
         await asyncio.sleep(self.load_delay)
         self.info = self._info
 
-    async def step(self, admit: list[Admission], release: list[int]) -> dict[int, int]:
+    async def step(self, admit: list[Admission], release: list[int], keep=()) -> StepResult:
         self.num_steps += 1
+        kept = {}
         for seq_id in release:
             self.active.pop(seq_id, None)
+            fed = self.fed.pop(seq_id, [])
+            if seq_id in keep:
+                kept[seq_id] = fake_kv(fed)
             self.released.append(seq_id)
         for a in admit:
             self.active[a.seq_id] = 0
+            self.fed[a.seq_id] = list(a.prompt_ids)
             self.admitted.append(a.seq_id)
+            if a.prefix is not None:
+                self.hits[a.seq_id] = n = a.prefix.num_tokens
+                if a.prefix.layers[0][0][0, 0, :, 0].astype(int).tolist() != list(a.prompt_ids[:n]):
+                    self.prefix_errors.append(a.seq_id)
         await asyncio.sleep(self.step_delay)
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("injected engine failure")
         out = {}
         for seq_id, produced in self.active.items():
+            if produced:  # the previous token is fed to the model now
+                self.fed[seq_id].append(self.reply_ids[min(produced - 1, len(self.reply_ids) - 1)])
             out[seq_id] = self.reply_ids[min(produced, len(self.reply_ids) - 1)]
             self.active[seq_id] = produced + 1
-        return out
+        return StepResult(out, kept)
 
     async def close(self) -> None:
         self.closed = True
+
+
+def fake_kv(token_ids: list[int]) -> KVData:
+    """A one-layer KV whose values are the token ids themselves (for checking hits exactly)."""
+    a = np.array(token_ids, dtype=np.float32).reshape(1, 1, len(token_ids), 1)
+    return KVData(((a, a.copy()),), "float32")
 
 
 @pytest.fixture
@@ -120,12 +144,13 @@ def serve_in_thread(app: web.Application):
 
 
 @pytest.fixture
-def make_client(aiohttp_client, tokenizer):
+def make_client(aiohttp_client, tokenizer, tmp_path):
     """Build an app on a FakeEngine with config overrides and return a ready test client."""
     from semcache.app import make_app
 
     async def factory(engine=None, **overrides):
         engine = engine or FakeEngine(tokenizer)
+        overrides.setdefault("cache_dir", str(tmp_path / "cache"))
         app = make_app(Config(**overrides), engine=engine)
         client = await aiohttp_client(app)
         await wait_ready(app)

@@ -406,12 +406,12 @@ class TestCapacity:
         responses = await asyncio.gather(*reqs)
         assert [r.status for r in responses] == [200] * 64
 
-    async def test_loading_model_refuses_and_health_says_starting(self, aiohttp_client, tokenizer):
+    async def test_loading_model_refuses_and_health_says_starting(self, aiohttp_client, tokenizer, tmp_path):
         """While the model loads: startup/ready 503, live 200, API requests 529/503 with Retry-After."""
         from semcache.app import make_app
         from semcache.config import Config
 
-        client = await aiohttp_client(make_app(Config(), engine=FakeEngine(tokenizer, load_delay=30)))
+        client = await aiohttp_client(make_app(Config(cache_dir=str(tmp_path)), engine=FakeEngine(tokenizer, load_delay=30)))
         assert (await client.get("/health/live")).status == 200
         r = await client.get("/health/startup")
         assert r.status == 503 and (await r.json())["status"] == "starting"

@@ -42,7 +42,8 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("e2e") / "server.log"
     env = {**os.environ, "SEMCACHE_MAX_QUEUE_WAIT": "300"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "semcache", "serve", "--port", str(port)],
+        cache = tmp_path_factory.mktemp("e2e-cache")
+        proc = subprocess.Popen([sys.executable, "-m", "semcache", "serve", "--port", str(port), "--cache-dir", str(cache)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(f"http://127.0.0.1:{port}/health/ready", proc)

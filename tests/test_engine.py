@@ -115,7 +115,7 @@ class TestTinyModel:
             tokens = {i: [] for i in range(3)}
             admit = [Admission(i, ps[i], GREEDY) for i in range(3)]
             for step in range(12):
-                out = engine.batcher.step(admit, [1] if step == 5 else [])
+                out = engine.batcher.step(admit, [1] if step == 5 else []).tokens
                 admit = []
                 for k, v in out.items():
                     tokens[k].append(v)
@@ -136,7 +136,7 @@ class TestTinyModel:
             out = []
             admit = [Admission(seq_id, p, params)]
             for _ in range(8):
-                out.append(engine.batcher.step(admit, [])[seq_id])
+                out.append(engine.batcher.step(admit, []).tokens[seq_id])
                 admit = []
             engine.batcher.step([], [seq_id])
             return out
@@ -155,7 +155,7 @@ class TestTinyModel:
             first_token_step = {}
             admit = [Admission(1, long_ids, GREEDY), Admission(2, short_ids, GREEDY)]
             for step in range(40):
-                for seq_id in engine.batcher.step(admit, []):
+                for seq_id in engine.batcher.step(admit, []).tokens:
                     first_token_step.setdefault(seq_id, step)
                 admit = []
                 if len(first_token_step) == 2:

@@ -9,21 +9,23 @@ from semcache.sequence import FinishReason, Sequence, Status
 from tests.conftest import FakeEngine
 
 
-async def started(engine, **limits) -> tuple[Scheduler, asyncio.Task]:
+async def started(engine, cache=None, **limits) -> tuple[Scheduler, asyncio.Task]:
     await engine.load()
     limits.setdefault("batch_wait", 0.0)
-    scheduler = Scheduler(engine, Limits(**limits))
+    scheduler = Scheduler(engine, Limits(**limits), cache)
     scheduler.ready = True
     _schedulers.append(scheduler)
     original = engine.step
 
-    async def checked_step(admit, release):
+    async def checked_step(admit, release, keep=()):
         try:
             scheduler.check_integrity()
+            if cache is not None:
+                cache.check_integrity()
         except AssertionError as exc:  # the loop would swallow it as an engine failure
             _violations.append(exc)
             raise
-        return await original(admit, release)
+        return await original(admit, release, keep)
 
     engine.step = checked_step
     return scheduler, asyncio.create_task(scheduler.run())
@@ -105,8 +107,8 @@ class TestScheduler:
         seen = []
         orig = engine.step
 
-        async def spy(admit, release):
-            out = await orig(admit, release)
+        async def spy(admit, release, keep=()):
+            out = await orig(admit, release, keep)
             seen.append(len(engine.active))
             return out
 
@@ -127,9 +129,9 @@ class TestScheduler:
         peak = 0
         orig = engine.step
 
-        async def spy(admit, release):
+        async def spy(admit, release, keep=()):
             nonlocal peak
-            out = await orig(admit, release)
+            out = await orig(admit, release, keep)
             peak = max(peak, len(engine.active))
             return out
 

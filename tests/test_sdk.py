@@ -12,8 +12,9 @@ USER = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
-def base_url(tokenizer):
-    with serve_in_thread(make_app(Config(), engine=FakeEngine(tokenizer))) as url:
+def base_url(tokenizer, tmp_path_factory):
+    config = Config(cache_dir=str(tmp_path_factory.mktemp("cache")))
+    with serve_in_thread(make_app(config, engine=FakeEngine(tokenizer))) as url:
         yield url
 
 

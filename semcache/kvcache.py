@@ -1,0 +1,469 @@
+"""The agent cache: which stored KV serves which prompt, in memory and on disk, within byte budgets.
+
+Everything here runs on the event loop except file work, which goes to one I/O thread (store.py);
+arrays are numpy (kvdata.py), so no MLX call is ever made off the MLX thread. Entries are immutable:
+a finished sequence stores a new entry (replacing the same agent's entries it extends), and a hit
+hands the engine the entry's arrays to copy. Lookup is by token ids: the agent's own entries first,
+then the longest prefix among all the tenant's entries (a radix trie); a tenant never sees another's.
+Memory past its budget spills least recently used entries (anonymous ones first) to disk; disk past
+its budget deletes the oldest files; entries unused for `ttl` seconds are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from prometheus_async.aio import time as timed
+
+from semcache import store
+from semcache.kvdata import KVData
+from semcache.metrics import Metrics
+from semcache.trie import TokenTrie
+
+log = logging.getLogger("semcache.cache")
+ANON = "anon-"
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    enabled: bool = True
+    memory_budget: int = 2 << 30
+    disk_budget: int = 20 << 30
+    ttl: float = 7 * 86400.0
+    min_prefix: int = 64
+    encoding: str = "native"  # on disk: native (lossless), int8, int4
+    write_through: bool = True  # write every new entry soon, so a crash loses little
+
+
+@dataclass(eq=False)
+class Entry:
+    key: str
+    tenant: str
+    agent: str  # the agent id, or anon-<key> for requests that named none
+    named: bool
+    tokens: np.ndarray  # int32 token ids the KV covers
+    dtype: str
+    created: float
+    last_use: float
+    data: KVData | None = None  # resident in memory
+    pending: KVData | None = None  # spilled: held only until its file is written
+    path: Path | None = None
+    file_bytes: int = 0
+    dirty: bool = False  # the data is not on disk yet
+    writing: asyncio.Task | None = None
+    loading: asyncio.Task | None = None
+    removed: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tier(self) -> str:
+        return "memory" if self.data is not None else "disk"
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes if self.data is not None else self.file_bytes
+
+    def describe(self) -> dict[str, Any]:
+        return {"agent_id": self.agent, "entry_id": self.key, "tier": self.tier, "tokens": self.num_tokens,
+                "bytes": self.nbytes, "last_use": round(self.last_use, 3), "created": round(self.created, 3)}
+
+
+@dataclass(frozen=True)
+class Match:
+    """A lookup's answer: reuse the first `num_tokens` of `entry` (no entry: a miss)."""
+
+    entry: Entry | None = None
+    num_tokens: int = 0
+
+    @property
+    def resident(self) -> bool:
+        return self.entry is not None and (self.entry.data is not None or self.entry.pending is not None)
+
+
+MISS = Match()
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def _read_entry(path: Path) -> tuple[store.EntryMeta, np.ndarray, KVData]:
+    meta, tensors = store.read(path)
+    tokens, data = KVData.from_tensors(tensors, meta.dtype, meta.encoding)
+    return meta, tokens, data
+
+
+def _write_entry(directory: Path, meta: store.EntryMeta, tokens: np.ndarray, data: KVData) -> store.StoredFile:
+    return store.write(directory, meta, data.to_tensors(tokens, meta.encoding))
+
+
+class AgentCache:
+    def __init__(self, limits: CacheLimits, directory: Path | None, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.limits = limits
+        self.directory = directory
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.fingerprint = ""
+        self.entries: dict[str, Entry] = {}
+        self.foreign: dict[str, store.StoredFile] = {}  # other models' files: counted, never served
+        self._tries: dict[str, TokenTrie] = defaultdict(TokenTrie)
+        self._pools: dict[tuple[str, str | None], set[str]] = defaultdict(set)
+        self.memory_bytes = self.disk_bytes = self.writing_bytes = 0
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="semcache-io")
+        self._tasks: set[asyncio.Task] = set()
+        self._lock: Any = None
+        self.metrics.watch_cache(self._bytes_in, self._entries_in)
+
+    # Lifecycle -------------------------------------------------------------------------------
+
+    async def lock(self) -> None:
+        """Take the cache directory (store.CacheDirLocked if another daemon has it)."""
+        if self.directory is not None and self.limits.enabled:
+            self._lock = await self._run(store.lock_dir, self.directory)
+
+    async def open(self, fingerprint: str) -> None:
+        """Index the files on disk from their headers (no arrays): a restarted daemon is warm."""
+        self.fingerprint = fingerprint
+        if self._lock is None:
+            return
+        files, bad = await self._run(store.scan, self.directory)
+        for path in bad:
+            await self._quarantine(path)
+        for f in files:
+            self.disk_bytes += f.size
+            if f.meta.fingerprint != fingerprint:
+                self.foreign[f.meta.key] = f
+                continue
+            m = f.meta
+            self._index(Entry(m.key, m.tenant, m.agent, m.named, f.tokens, m.dtype, m.created, m.last_use,
+                              path=f.path, file_bytes=f.size))
+        self.expire()
+        self._enforce_disk()
+        log.info("agent cache: %d entries on disk for this model (%d of other models, %d quarantined), %s",
+                 len(self.entries), len(self.foreign), len(bad), self.directory)
+
+    async def close(self) -> None:
+        """Write memory entries not yet on disk, finish all file work, release the directory."""
+        for entry in list(self.entries.values()):
+            if entry.dirty and self.directory is not None and self._lock is not None:
+                self._schedule_write(entry)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        self._io.shutdown(wait=True)
+
+    # Lookup and use --------------------------------------------------------------------------
+
+    def lookup(self, tenant: str, agent: str | None, prompt_ids: list[int]) -> Match:
+        """The entry sharing the longest token prefix with the prompt (at least one token is left
+        to compute). The agent's own entries win ties; below `min_prefix` tokens it is a miss."""
+        limit = len(prompt_ids) - 1
+        if not self.limits.enabled or limit < max(1, self.limits.min_prefix):
+            return MISS
+        best = MISS
+        if agent is not None:
+            ids = np.asarray(prompt_ids, dtype=np.int32)
+            for entry in self._pool(tenant, agent):
+                n = min(common_prefix(entry.tokens, ids), limit)
+                if n > best.num_tokens or (n == best.num_tokens and _preferred(entry, best.entry)):
+                    best = Match(entry, n)
+        trie = self._tries.get(tenant)
+        if trie is not None:
+            n, keys = trie.longest(prompt_ids)
+            n = min(n, limit)
+            if n > best.num_tokens:
+                best = Match(self._pick(keys), n)
+        return best if best.num_tokens >= self.limits.min_prefix else MISS
+
+    def record(self, match: Match, from_disk: bool) -> None:
+        """Count an admitted request's lookup result and mark its entry used."""
+        entry = match.entry
+        if entry is None:
+            result = "miss"
+        else:
+            result = "partial" if match.num_tokens < entry.num_tokens - 1 else "disk_hit" if from_disk else "memory_hit"
+            entry.last_use = self.clock()
+            self.metrics.cache_tokens_reused.inc(match.num_tokens)
+            if entry.path is not None:
+                self._spawn(self._run(store.touch, entry.path, entry.last_use))
+        self.metrics.cache_lookups.labels(result).inc()
+
+    def fetch(self, entry: Entry) -> asyncio.Future | None:
+        """Start making `entry` resident; None if it already is. The future's result is False
+        when the file turned out to be unusable (it is quarantined and the entry is gone)."""
+        if entry.data is not None or entry.removed:
+            return None
+        if entry.pending is not None:  # spilled, still being written: take it back
+            data, entry.pending = entry.pending, None
+            self.writing_bytes -= data.nbytes
+            self._attach(entry, data)
+            return None
+        if entry.loading is None:
+            entry.loading = self._spawn(self._read(entry))
+        return entry.loading
+
+    async def load(self, entry: Entry) -> bool:
+        """Make `entry` resident, reading its file on the I/O thread; False if it is gone or bad."""
+        loading = self.fetch(entry)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        return not entry.removed
+
+    # Storing ---------------------------------------------------------------------------------
+
+    def put(self, tenant: str, agent: str | None, token_ids: list[int], data: KVData) -> Entry | None:
+        """Store a finished sequence's KV for its agent, replacing the agent's entries it extends."""
+        if not self.limits.enabled or data.num_tokens == 0:
+            return None
+        tokens = np.asarray(token_ids[: data.num_tokens], dtype=np.int32)
+        now = self.clock()
+        for old in list(self._pool(tenant, agent)):
+            shared = common_prefix(old.tokens, tokens)
+            if shared == old.num_tokens:
+                self._remove(old, "replaced")
+            elif shared == len(tokens):  # an entry of this agent already holds all of it
+                old.last_use = now
+                return old
+        key = secrets.token_hex(8)
+        entry = Entry(key, tenant, agent or ANON + key[:12], agent is not None, tokens, data.dtype, now, now,
+                      data=data, dirty=True)
+        self._index(entry)
+        self.memory_bytes += data.nbytes
+        if self.limits.write_through and self._lock is not None:
+            self._schedule_write(entry)
+        self._enforce_memory()
+        return entry
+
+    # Management (the /v1/agents API) ------------------------------------------------------------
+
+    def agents(self, tenant: str, agent: str | None = None) -> list[Entry]:
+        """The tenant's entries (one agent's, if given), most recently used first."""
+        found = self._pool(tenant, agent) if agent is not None else [
+            e for e in self.entries.values() if e.tenant == tenant]
+        return sorted(found, key=lambda e: -e.last_use)
+
+    async def evict(self, tenant: str, agent: str) -> list[Entry]:
+        """Move an agent's entries from memory to disk; returns when the files are written."""
+        entries = self.agents(tenant, agent)
+        for entry in entries:
+            if entry.data is not None:
+                self._spill(entry, "request")
+        await asyncio.gather(*[e.writing for e in entries if e.writing is not None], return_exceptions=True)
+        return [e for e in entries if not e.removed]
+
+    async def delete(self, tenant: str, agent: str) -> int:
+        """Remove an agent's entries from memory and disk; returns once the files are gone."""
+        entries = self.agents(tenant, agent)
+        removals = [self._remove(e, "request") for e in entries]
+        writes = [e.writing for e in entries if e.writing is not None]
+        await asyncio.gather(*[t for t in removals + writes if t is not None], return_exceptions=True)
+        return len(entries)
+
+    def expire(self) -> None:
+        """Delete entries (and other models' files) unused for longer than the TTL."""
+        cutoff = self.clock() - self.limits.ttl
+        for entry in [e for e in self.entries.values() if e.last_use < cutoff]:
+            self._remove(entry, "ttl")
+        for key in [k for k, f in self.foreign.items() if f.meta.last_use < cutoff]:
+            self._drop_foreign(key, "ttl")
+
+    # Internals -------------------------------------------------------------------------------
+
+    def _pool(self, tenant: str, agent: str | None) -> list[Entry]:
+        if agent is not None and agent.startswith(ANON):
+            return [self.entries[k] for k in self._pools.get((tenant, None), ()) if self.entries[k].agent == agent]
+        return [self.entries[k] for k in self._pools.get((tenant, agent), ())]
+
+    def _pick(self, keys) -> Entry:
+        """Among entries sharing the same prefix: a resident one, then the most recently used."""
+        best = None
+        for i, key in enumerate(keys):
+            entry = self.entries[key]
+            if best is None or _preferred(entry, best):
+                best = entry
+            if i >= 32:
+                break
+        return best
+
+    def _index(self, entry: Entry) -> None:
+        self.entries[entry.key] = entry
+        self._tries[entry.tenant].insert(entry.tokens.tolist(), entry.key)
+        self._pools[(entry.tenant, entry.agent if entry.named else None)].add(entry.key)
+
+    def _attach(self, entry: Entry, data: KVData) -> None:
+        entry.data = data
+        entry.last_use = self.clock()  # about to be used: never the next to spill
+        self.memory_bytes += data.nbytes
+        self._enforce_memory(keep=entry)
+
+    def _enforce_memory(self, keep: Entry | None = None) -> None:
+        while self.memory_bytes > self.limits.memory_budget:
+            victims = [e for e in self.entries.values() if e.data is not None and e is not keep]
+            if not victims:
+                return
+            self._spill(min(victims, key=lambda e: (e.named, e.last_use)), "budget")
+
+    def _spill(self, entry: Entry, reason: str) -> None:
+        data, entry.data = entry.data, None
+        self.memory_bytes -= data.nbytes
+        self.metrics.cache_evictions.labels("memory", reason).inc()
+        if entry.dirty and self._lock is not None:
+            entry.pending = data
+            self.writing_bytes += data.nbytes
+            self._schedule_write(entry)
+        elif entry.path is None:  # no disk tier to spill to: the entry is gone
+            self._remove(entry, reason)
+
+    def _enforce_disk(self) -> None:
+        while self.disk_bytes > self.limits.disk_budget:
+            ours = [e for e in self.entries.values() if e.path is not None]
+            oldest = min(ours, key=lambda e: e.last_use, default=None)
+            other = min(self.foreign.values(), key=lambda f: f.meta.last_use, default=None)
+            if other is not None and (oldest is None or other.meta.last_use < oldest.last_use):
+                self._drop_foreign(other.meta.key, "budget")
+            elif oldest is None:
+                return
+            elif oldest.data is None and oldest.pending is None:
+                self._remove(oldest, "budget")
+            else:  # resident: it keeps living in memory, to be written again if spilled
+                self.disk_bytes -= oldest.file_bytes
+                self._spawn(self._run(store.remove, oldest.path))
+                oldest.path, oldest.file_bytes, oldest.dirty = None, 0, True
+            self.metrics.cache_evictions.labels("disk", "budget").inc()
+
+    def _drop_foreign(self, key: str, reason: str) -> None:
+        f = self.foreign.pop(key)
+        self.disk_bytes -= f.size
+        self._spawn(self._run(store.remove, f.path))
+
+    def _remove(self, entry: Entry, reason: str) -> asyncio.Task | None:
+        if entry.removed:
+            return None
+        entry.removed = True
+        del self.entries[entry.key]
+        self._tries[entry.tenant].remove(entry.tokens.tolist(), entry.key)
+        self._pools[(entry.tenant, entry.agent if entry.named else None)].discard(entry.key)
+        if entry.data is not None:
+            self.memory_bytes -= entry.data.nbytes
+        if entry.pending is not None:
+            self.writing_bytes -= entry.pending.nbytes
+        entry.data = entry.pending = None
+        if entry.path is None:
+            return None
+        self.disk_bytes -= entry.file_bytes
+        path, entry.path = entry.path, None
+        return self._spawn(self._run(store.remove, path))
+
+    def _schedule_write(self, entry: Entry) -> None:
+        if entry.writing is None:
+            entry.writing = self._spawn(self._write(entry))
+
+    async def _write(self, entry: Entry) -> None:
+        data = entry.data if entry.data is not None else entry.pending
+        meta = store.EntryMeta(entry.key, self.fingerprint, entry.tenant, entry.agent, entry.named,
+                               entry.num_tokens, entry.dtype, self.limits.encoding, entry.created, entry.last_use)
+        try:
+            stored = await timed(self.metrics.cache_disk_write_seconds,
+                                 self._run(_write_entry, self.directory, meta, entry.tokens, data))
+        except OSError as exc:
+            log.error("cannot write cache entry %s for %s: %s", entry.key, entry.agent, exc)
+            if entry.pending is not None:
+                self._remove(entry, "write_error")
+            return
+        finally:
+            entry.writing = None
+        if entry.removed:  # deleted while it was being written
+            await self._run(store.remove, stored.path)
+            return
+        entry.path, entry.file_bytes, entry.dirty = stored.path, stored.size, False
+        self.disk_bytes += stored.size
+        if entry.pending is not None:
+            self.writing_bytes -= entry.pending.nbytes
+            entry.pending = None
+        self._enforce_disk()
+
+    async def _read(self, entry: Entry) -> bool:
+        try:
+            try:
+                meta, tokens, data = await timed(self.metrics.cache_disk_read_seconds,
+                                                 self._run(_read_entry, entry.path))
+                if meta.key != entry.key or meta.fingerprint != self.fingerprint or not np.array_equal(
+                        tokens, entry.tokens):
+                    raise store.CorruptEntry("metadata does not match the index")
+            except (store.CorruptEntry, OSError, KeyError, ValueError) as exc:
+                log.warning("cache file %s is unusable (%s); moved to quarantine", entry.path, exc)
+                path = entry.path
+                entry.path = None
+                self.disk_bytes -= entry.file_bytes
+                self._remove(entry, "corrupt")
+                await self._quarantine(path)
+                return False
+            if entry.removed:
+                return False
+            self._attach(entry, data)
+            return True
+        finally:
+            entry.loading = None
+
+    async def _quarantine(self, path: Path) -> None:
+        await self._run(store.quarantine, self.directory, path)
+        self.metrics.cache_quarantined.inc()
+
+    def _run(self, fn, *args) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    def _spawn(self, awaitable) -> asyncio.Task:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # Introspection ---------------------------------------------------------------------------
+
+    def _bytes_in(self, tier: str) -> int:
+        return {"memory": self.memory_bytes, "disk": self.disk_bytes, "writing": self.writing_bytes}[tier]
+
+    def _entries_in(self, tier: str) -> int:
+        if tier == "memory":
+            return sum(1 for e in self.entries.values() if e.data is not None)
+        if tier == "disk":
+            return sum(1 for e in self.entries.values() if e.path is not None) + len(self.foreign)
+        return sum(1 for e in self.entries.values() if e.pending is not None)
+
+    def check_integrity(self) -> None:
+        """Assert the accounting and index invariants (tests call this after every operation)."""
+        live = list(self.entries.values())
+        assert self.memory_bytes == sum(e.data.nbytes for e in live if e.data is not None), "memory bytes drifted"
+        assert self.writing_bytes == sum(e.pending.nbytes for e in live if e.pending is not None)
+        on_disk = sum(e.file_bytes for e in live if e.path is not None) + sum(f.size for f in self.foreign.values())
+        assert self.disk_bytes == on_disk, "disk bytes drifted"
+        assert not any(e.data is not None and e.pending is not None for e in live)
+        assert sum(len(t) for t in self._tries.values()) == len(live), "trie out of step with entries"
+        assert sum(len(keys) for keys in self._pools.values()) == len(live), "agent pools out of step"
+        largest = max((e.data.nbytes for e in live if e.data is not None), default=0)
+        assert self.memory_bytes - largest <= self.limits.memory_budget, "memory budget exceeded by more than one entry"
+
+
+def _preferred(entry: Entry, other: Entry | None) -> bool:
+    """Resident beats on-disk; then the more recently used."""
+    if other is None:
+        return True
+    mine, theirs = entry.data is not None or entry.pending is not None, other.data is not None or other.pending is not None
+    return (mine, entry.last_use) > (theirs, other.last_use)
