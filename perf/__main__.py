@@ -1,4 +1,5 @@
-"""python -m perf serving --out report.json [--runs 3] [--max-tokens 64] [--no-peer]"""
+"""python -m perf serving --out report.json [--runs 3] [--max-tokens 64] [--no-peer]
+python -m perf agents --out report.json [--agents 12] [--budget 256MiB] [--runs 3]"""
 
 import argparse
 import json
@@ -13,10 +14,22 @@ def main() -> None:
     serving.add_argument("--runs", type=int, default=3)
     serving.add_argument("--max-tokens", type=int, default=64)
     serving.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
+    agents = sub.add_parser("agents", help="agent cache benchmark: warm vs cold turns, restart, disk, misses")
+    agents.add_argument("--out", type=Path, default=Path("perf-agents.json"))
+    agents.add_argument("--agents", type=int, default=12)
+    agents.add_argument("--max-tokens", type=int, default=32)
+    agents.add_argument("--budget", default="256MiB", help="cache_memory_budget (must not fit every agent)")
+    agents.add_argument("--runs", type=int, default=3, help="alternating runs of the miss-overhead test")
     args = parser.parse_args()
-    from perf import serving as bench
+    if args.command == "agents":
+        from perf import agents as bench
 
-    report = bench.run(args.out, runs=args.runs, max_tokens=args.max_tokens, peer=not args.no_peer)
+        report = bench.run(args.out, agents=args.agents, max_tokens=args.max_tokens, budget=args.budget,
+                           runs=args.runs)
+    else:
+        from perf import serving as bench
+
+        report = bench.run(args.out, runs=args.runs, max_tokens=args.max_tokens, peer=not args.no_peer)
     print(json.dumps(report["summary"], indent=2))
     print(f"report written to {args.out}")
 

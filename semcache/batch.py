@@ -97,9 +97,10 @@ def _to_mx(a: np.ndarray, dtype: str) -> mx.array:
 
 
 def _to_np(a: mx.array) -> np.ndarray:
+    """One copy out of the batch's buffers; numpy then views the new MLX array without copying."""
     a = mx.contiguous(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
     mx.eval(a)
-    return np.array(a, copy=True)
+    return np.asarray(a)
 
 
 def _snapshot(cache: list[Any], row: int) -> KVData:

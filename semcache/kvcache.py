@@ -157,13 +157,17 @@ class AgentCache:
         log.info("agent cache: %d entries on disk for this model (%d of other models, %d quarantined), %s",
                  len(self.entries), len(self.foreign), len(bad), self.directory)
 
+    async def settle(self) -> None:
+        """Wait until no file work (writes, reads, removals) is in flight."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         """Write memory entries not yet on disk, finish all file work, release the directory."""
         for entry in list(self.entries.values()):
             if entry.dirty and self.directory is not None and self._lock is not None:
                 self._schedule_write(entry)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.settle()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -192,13 +196,15 @@ class AgentCache:
                 best = Match(self._pick(keys), n)
         return best if best.num_tokens >= self.limits.min_prefix else MISS
 
-    def record(self, match: Match, from_disk: bool) -> None:
-        """Count an admitted request's lookup result and mark its entry used."""
+    def record(self, match: Match, num_prompt_tokens: int, from_disk: bool) -> None:
+        """Count an admitted request's lookup result and mark its entry used. A hit reused all it
+        could (the whole entry, or the whole prompt but its last token); a partial one diverged."""
         entry = match.entry
         if entry is None:
             result = "miss"
         else:
-            result = "partial" if match.num_tokens < entry.num_tokens - 1 else "disk_hit" if from_disk else "memory_hit"
+            whole = match.num_tokens >= min(entry.num_tokens, num_prompt_tokens - 1)
+            result = "partial" if not whole else "disk_hit" if from_disk else "memory_hit"
             entry.last_use = self.clock()
             self.metrics.cache_tokens_reused.inc(match.num_tokens)
             if entry.path is not None:
@@ -377,12 +383,13 @@ class AgentCache:
 
     async def _write(self, entry: Entry) -> None:
         data = entry.data if entry.data is not None else entry.pending
+        encoding = self.limits.encoding if data.quantizable else "native"
         meta = store.EntryMeta(entry.key, self.fingerprint, entry.tenant, entry.agent, entry.named,
-                               entry.num_tokens, entry.dtype, self.limits.encoding, entry.created, entry.last_use)
+                               entry.num_tokens, entry.dtype, encoding, entry.created, entry.last_use)
         try:
             stored = await timed(self.metrics.cache_disk_write_seconds,
                                  self._run(_write_entry, self.directory, meta, entry.tokens, data))
-        except OSError as exc:
+        except Exception as exc:  # disk full, permissions...: the entry lives on in memory, or is dropped
             log.error("cannot write cache entry %s for %s: %s", entry.key, entry.agent, exc)
             if entry.pending is not None:
                 self._remove(entry, "write_error")
@@ -401,15 +408,18 @@ class AgentCache:
 
     async def _read(self, entry: Entry) -> bool:
         try:
+            path = entry.path
+            if entry.removed or path is None:  # removed before the read started
+                return False
             try:
-                meta, tokens, data = await timed(self.metrics.cache_disk_read_seconds,
-                                                 self._run(_read_entry, entry.path))
+                meta, tokens, data = await timed(self.metrics.cache_disk_read_seconds, self._run(_read_entry, path))
                 if meta.key != entry.key or meta.fingerprint != self.fingerprint or not np.array_equal(
                         tokens, entry.tokens):
                     raise store.CorruptEntry("metadata does not match the index")
-            except (store.CorruptEntry, OSError, KeyError, ValueError) as exc:
-                log.warning("cache file %s is unusable (%s); moved to quarantine", entry.path, exc)
-                path = entry.path
+            except Exception as exc:  # whatever is wrong with the file: quarantine, never a wrong answer
+                if entry.removed or entry.path != path:  # already gone (and its file with it)
+                    return False
+                log.warning("cache file %s is unusable (%s); moved to quarantine", path, exc)
                 entry.path = None
                 self.disk_bytes -= entry.file_bytes
                 self._remove(entry, "corrupt")

@@ -31,6 +31,11 @@ class KVData:
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
+    @property
+    def quantizable(self) -> bool:
+        """int8/int4 on disk need head_dim in whole groups (else the entry is written losslessly)."""
+        return bool(self.layers) and all(a.shape[-1] % GROUP == 0 for pair in self.layers for a in pair)
+
     def to_tensors(self, tokens: np.ndarray, encoding: str = "native") -> dict[str, np.ndarray]:
         """Named arrays for a safetensors file: token ids, then each layer's keys and values."""
         out = {"tokens": np.ascontiguousarray(tokens, dtype=np.int32)}

@@ -258,7 +258,7 @@ class Scheduler:
     def _prefix(self, seq: Sequence, match: Match):
         if self.cache is None:
             return None
-        self.cache.record(match, seq.cache_from_disk)
+        self.cache.record(match, seq.num_prompt_tokens, seq.cache_from_disk)
         seq.num_cached_tokens = match.num_tokens
         return match.entry.data.prefix(match.num_tokens) if match.entry is not None else None
 

@@ -67,7 +67,7 @@ class EntryMeta:
                 dtype=meta["dtype"], encoding=meta["encoding"], created=float(meta["created"]),
                 last_use=float(meta["last_use"]),
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
             raise CorruptEntry(f"bad metadata: {exc}") from None
 
 
@@ -115,16 +115,16 @@ def write(directory: Path, meta: EntryMeta, tensors: dict[str, np.ndarray]) -> S
     """Atomically write one entry (temp file, fsync, rename, fsync folder); mode 0600."""
     arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
     views = [memoryview(a).cast("B") for a in arrays.values()]
-    strings = meta.to_strings()
-    strings["format"] = FORMAT_VERSION
-    strings["content_hash"] = _hash(_canonical(strings), views)
-    header: dict = {"__metadata__": strings}
+    table: dict = {}
     offset = 0
     for (name, a), view in zip(arrays.items(), views):
-        header[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(view)]}
+        table[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
+                       "data_offsets": [offset, offset + len(view)]}
         offset += len(view)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
+    strings = meta.to_strings()
+    strings["format"] = FORMAT_VERSION
+    strings["content_hash"] = _hash(_canonical(strings, table), views)
+    encoded = json.dumps({"__metadata__": strings, **table}, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     path = entry_path(directory, meta.key)
     tmp = path.with_name(f".{meta.key}.tmp")
@@ -145,8 +145,10 @@ def write(directory: Path, meta: EntryMeta, tensors: dict[str, np.ndarray]) -> S
     return StoredFile(path, meta, 8 + len(encoded) + offset)
 
 
-def _canonical(strings: dict[str, str]) -> bytes:
-    return json.dumps({k: v for k, v in strings.items() if k != "content_hash"}, sort_keys=True).encode()
+def _canonical(strings: dict[str, str], table: dict) -> bytes:
+    """What the content hash covers besides the data: metadata and tensor table, key-sorted."""
+    meta = {k: v for k, v in strings.items() if k != "content_hash"}
+    return json.dumps([meta, table], sort_keys=True).encode()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -186,6 +188,8 @@ def read_meta(path: Path) -> StoredFile:
             begin, end = header["tokens"]["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CorruptEntry("no token ids") from None
+        if not (isinstance(begin, int) and isinstance(end, int)):
+            raise CorruptEntry("token offsets are not integers")
         if not 0 <= begin <= end <= size - start or end - begin != 4 * meta.num_tokens:
             raise CorruptEntry("token ids do not fit the file")
         f.seek(start + begin)
@@ -216,7 +220,7 @@ def read(path: Path) -> tuple[EntryMeta, dict[str, np.ndarray]]:
     except (KeyError, ValueError, TypeError) as exc:
         raise CorruptEntry(f"bad tensor table: {exc}") from None
     views = [memoryview(a).cast("B") for a in tensors.values()]
-    if _hash(_canonical(strings), views) != strings.get("content_hash"):
+    if _hash(_canonical(strings, header), views) != strings.get("content_hash"):
         raise CorruptEntry("content hash does not match")
     return EntryMeta.from_strings(strings), tensors
 
@@ -232,7 +236,7 @@ def scan(directory: Path) -> tuple[list[StoredFile], list[Path]]:
         elif path.suffix == SUFFIX:
             try:
                 good.append(read_meta(path))
-            except (CorruptEntry, OSError):
+            except Exception:  # whatever is wrong with a file, it is quarantined, never a crash
                 bad.append(path)
     return good, bad
 

@@ -1,0 +1,665 @@
+"""The agent cache (kvcache.py): lookup, storing, budgets, expiry, restart and corruption, on a real directory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+from semcache import store
+from semcache.kvcache import ANON, MISS, AgentCache, CacheLimits, common_prefix
+from semcache.kvdata import KVData
+from tests.conftest import fake_kv
+
+T, OTHER = "tenant-a", "tenant-b"
+ENTRY_TOKENS = 100
+ENTRY_BYTES = 8 * ENTRY_TOKENS  # fake_kv: keys and values of float32, one per token
+LIMITS = CacheLimits(memory_budget=1 << 20, disk_budget=1 << 20, ttl=1000.0, min_prefix=4)
+
+
+class Clock:
+    """A fake clock: time moves only when a test says so. Starts in the future so file mtimes
+    (real time) never look newer than the metadata's last_use."""
+
+    def __init__(self, now: float = 2e9):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float = 1.0) -> float:
+        self.now += seconds
+        return self.now
+
+
+def seq(n: int, start: int = 1000) -> list[int]:
+    return list(range(start, start + n))
+
+
+def check(cache: AgentCache) -> None:
+    cache.check_integrity()
+    assert cache.memory_bytes <= cache.limits.memory_budget + ENTRY_BYTES
+
+
+async def settle(cache: AgentCache) -> None:
+    """Wait for the background file work (writes, removals, touches) to finish."""
+    await cache.settle()
+    check(cache)
+
+
+def same_data(a: KVData, b: KVData) -> bool:
+    return a.dtype == b.dtype and len(a.layers) == len(b.layers) and all(
+        np.array_equal(x, y) and x.dtype == y.dtype for pa, pb in zip(a.layers, b.layers) for x, y in zip(pa, pb))
+
+
+def files(directory, sub: str = "entries") -> set[str]:
+    return {p.name for p in (directory / sub).iterdir()}
+
+
+def flip_last_byte(path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # the last layer's values: past the header and the token ids
+    path.write_bytes(bytes(raw))
+
+
+def samples(cache: AgentCache, name: str, **labels) -> float:
+    return cache.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+class Harness:
+    """Opens AgentCaches on one tmp directory with one fake clock, and closes whatever is left open."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.clock = Clock()
+        self.live: list[AgentCache] = []
+
+    async def open(self, limits: CacheLimits = LIMITS, fingerprint: str = "fp-A", directory="default") -> AgentCache:
+        cache = AgentCache(limits, self.directory if directory == "default" else directory, clock=self.clock)
+        self.live.append(cache)
+        await cache.lock()
+        await cache.open(fingerprint)
+        check(cache)
+        return cache
+
+    async def close(self, cache: AgentCache) -> None:
+        self.live.remove(cache)
+        await cache.close()
+        cache.check_integrity()
+
+    async def reopen(self, cache: AgentCache, fingerprint: str = "fp-A", limits: CacheLimits | None = None):
+        await self.close(cache)
+        return await self.open(limits or cache.limits, fingerprint)
+
+
+@pytest.fixture
+async def h(tmp_path):
+    harness = Harness(tmp_path / "cache")
+    yield harness
+    for cache in list(harness.live):
+        await harness.close(cache)
+
+
+def file_size(tmp_path, n: int, clock: Clock) -> int:
+    """The size of one fake_kv entry file of n tokens (same metadata lengths as the cache writes)."""
+    directory = tmp_path / "probe"
+    (directory / "entries").mkdir(parents=True)
+    tokens = np.asarray(seq(n), dtype=np.int32)
+    meta = store.EntryMeta("0" * 16, "fp-A", T, "agent-1", True, n, "float32", "native", clock(), clock())
+    return store.write(directory, meta, fake_kv(seq(n)).to_tensors(tokens)).size
+
+
+class TestAgentCache:
+    # Lookup -----------------------------------------------------------------------------------
+
+    async def test_put_then_lookup_by_same_agent(self, h):
+        """the agent's own entry is found; reuse = min(common prefix, len(prompt) - 1)."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(10), fake_kv(seq(10)))
+        check(cache)
+        assert entry is not None and entry.tier == "memory" and entry.named and entry.agent == "agent-1"
+        same = cache.lookup(T, "agent-1", seq(10))
+        assert same.entry is entry and same.num_tokens == 9  # one token is left to compute
+        longer = cache.lookup(T, "agent-1", seq(15))
+        assert longer.entry is entry and longer.num_tokens == 10
+        shorter = cache.lookup(T, "agent-1", seq(6))
+        assert shorter.entry is entry and shorter.num_tokens == 5
+        hit = entry.data.prefix(longer.num_tokens)
+        assert hit.layers[0][1][0, 0, :, 0].astype(int).tolist() == seq(10)
+        assert longer.resident
+        check(cache)
+
+    async def test_diverging_prompt_is_trimmed_to_the_common_prefix(self, h):
+        """a prompt that leaves the stored tokens reuses only the shared part."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        prompt = seq(7) + [1, 2, 3, 4, 5]
+        match = cache.lookup(T, "agent-1", prompt)
+        assert match.entry is entry and match.num_tokens == 7
+        assert cache.lookup(T, None, prompt).num_tokens == 7  # through the trie alike
+        check(cache)
+
+    async def test_below_min_prefix_is_a_miss(self, h):
+        """fewer than min_prefix reusable tokens (or a prompt too short) is a miss."""
+        cache = await h.open()
+        cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        assert cache.lookup(T, "agent-1", seq(3) + [1, 2, 3]) is MISS  # 3 shared < 4
+        assert cache.lookup(T, "agent-1", seq(4)) is MISS  # only 3 usable: the last is computed
+        assert cache.lookup(T, "agent-1", seq(4) + [7]).num_tokens == 4
+        assert cache.lookup(T, "agent-1", []) is MISS
+        check(cache)
+
+    async def test_other_tenant_never_hits(self, h):
+        """same agent id and tokens under another tenant: no hit, and no entries listed."""
+        cache = await h.open()
+        cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        cache.put(T, None, seq(20, start=5000), fake_kv(seq(20, start=5000)))
+        assert cache.lookup(OTHER, "agent-1", seq(20)) is MISS
+        assert cache.lookup(OTHER, None, seq(20)) is MISS
+        assert cache.lookup(OTHER, None, seq(20, start=5000)) is MISS
+        assert cache.agents(OTHER) == [] and cache.agents(OTHER, "agent-1") == []
+        assert len(cache.agents(T)) == 2
+        check(cache)
+
+    async def test_anonymous_entries_found_through_the_trie(self, h):
+        """an anonymous entry serves another anonymous request (and a named agent) of the same tenant."""
+        cache = await h.open()
+        entry = cache.put(T, None, seq(30), fake_kv(seq(30)))
+        assert not entry.named and entry.agent.startswith(ANON)
+        match = cache.lookup(T, None, seq(30) + [1, 2])
+        assert match.entry is entry and match.num_tokens == 30
+        assert cache.lookup(T, "agent-9", seq(25)).entry is entry
+        assert cache.agents(T, entry.agent) == [entry]  # listed under its anon- id
+        check(cache)
+
+    async def test_own_entry_wins_a_tie(self, h):
+        """with equal prefixes, the agent's own entry beats a more recent one of another agent."""
+        cache = await h.open()
+        mine = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        h.clock.tick()
+        theirs = cache.put(T, "agent-2", seq(20), fake_kv(seq(20)))
+        assert cache.lookup(T, "agent-1", seq(25)).entry is mine
+        assert cache.lookup(T, "agent-2", seq(25)).entry is theirs
+        assert cache.lookup(T, None, seq(25)).entry is theirs  # anonymous: the most recent
+        check(cache)
+
+    async def test_longest_prefix_wins_over_own_entry(self, h):
+        """another entry of the tenant sharing strictly more tokens beats the agent's own."""
+        cache = await h.open()
+        mine = cache.put(T, "agent-1", seq(10), fake_kv(seq(10)))
+        theirs = cache.put(T, "agent-2", seq(30), fake_kv(seq(30)))
+        match = cache.lookup(T, "agent-1", seq(40))
+        assert match.entry is theirs and match.num_tokens == 30
+        assert mine in cache.agents(T, "agent-1")
+        check(cache)
+
+    async def test_record_counts_results(self, h):
+        """record counts memory hits, partial (diverged) hits, disk hits and misses, and reused tokens."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        h.clock.tick(5)
+        cache.record(cache.lookup(T, "agent-1", seq(25)), 25, from_disk=False)
+        assert entry.last_use == h.clock.now
+        cache.record(cache.lookup(T, "agent-1", seq(10)), 10, from_disk=False)  # whole prompt but its last
+        cache.record(cache.lookup(T, "agent-1", seq(8) + [1, 2]), 10, from_disk=False)
+        cache.record(cache.lookup(T, "agent-1", seq(25)), 25, from_disk=True)
+        cache.record(MISS, 25, from_disk=False)
+        lookups = "semcache_cache_lookups_total"
+        assert samples(cache, lookups, result="memory_hit") == 2
+        assert samples(cache, lookups, result="partial") == 1
+        assert samples(cache, lookups, result="disk_hit") == 1
+        assert samples(cache, lookups, result="miss") == 1
+        assert samples(cache, "semcache_cache_tokens_reused_total") == 20 + 9 + 8 + 20
+        await settle(cache)
+
+    async def test_record_touches_the_file(self, h):
+        """a recorded hit on an entry with a file sets the file's mtime to the use time."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await settle(cache)
+        h.clock.tick(100)
+        cache.record(cache.lookup(T, "agent-1", seq(25)), 25, from_disk=False)
+        await settle(cache)
+        assert os.stat(entry.path).st_mtime == pytest.approx(h.clock.now)
+
+    # Storing ---------------------------------------------------------------------------------
+
+    async def test_longer_put_replaces_the_entry_it_extends(self, h):
+        """the same agent storing a continuation leaves one entry; the old file is deleted."""
+        cache = await h.open()
+        old = cache.put(T, "agent-1", seq(10), fake_kv(seq(10)))
+        await settle(cache)
+        old_file = old.path.name
+        new = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        check(cache)
+        assert cache.agents(T, "agent-1") == [new] and old.removed
+        assert cache.lookup(T, "agent-1", seq(10)).entry is new
+        await settle(cache)
+        assert files(h.directory) == {new.path.name} and old_file not in files(h.directory)
+        assert cache.memory_bytes == new.data.nbytes
+
+    async def test_put_of_a_covered_prefix_keeps_the_existing_entry(self, h):
+        """storing a prefix of what the agent already has returns the existing entry, marked used."""
+        cache = await h.open()
+        long = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        h.clock.tick(3)
+        assert cache.put(T, "agent-1", seq(10), fake_kv(seq(10))) is long
+        assert long.last_use == h.clock.now and len(cache.entries) == 1
+        check(cache)
+
+    async def test_put_keeps_other_agents_and_branches(self, h):
+        """a continuation replaces only its own agent's entry; a diverging branch is kept."""
+        cache = await h.open()
+        other = cache.put(T, "agent-2", seq(10), fake_kv(seq(10)))
+        branch = cache.put(T, "agent-1", seq(10) + [1, 2], fake_kv(seq(10) + [1, 2]))
+        new = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        check(cache)
+        assert set(cache.agents(T, "agent-1")) == {branch, new}
+        assert cache.agents(T, "agent-2") == [other]
+
+    async def test_put_uses_only_the_tokens_the_kv_covers(self, h):
+        """token ids past the KV's length (the last sampled token) are not stored."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(12), fake_kv(seq(10)))
+        assert entry.num_tokens == 10 and entry.tokens.tolist() == seq(10)
+        check(cache)
+
+    async def test_disabled_cache_stores_nothing(self, h):
+        """with enabled=False put returns None, lookups miss and no directory is taken."""
+        limits = CacheLimits(enabled=False, min_prefix=4)
+        cache = await h.open(limits)
+        assert cache.put(T, "agent-1", seq(20), fake_kv(seq(20))) is None
+        assert cache.lookup(T, "agent-1", seq(20)) is MISS
+        assert not h.directory.exists()
+        check(cache)
+
+    # Memory budget ---------------------------------------------------------------------------
+
+    async def test_memory_budget_spills_least_recently_used(self, h):
+        """with room for ~2 entries, 4 puts leave the 2 most recent in memory and spill the rest to disk."""
+        limits = CacheLimits(memory_budget=int(2.5 * ENTRY_BYTES), ttl=1000.0, min_prefix=4)
+        cache = await h.open(limits)
+        entries = []
+        for i in range(4):
+            h.clock.tick()
+            entries.append(cache.put(T, f"agent-{i}", seq(ENTRY_TOKENS, 1000 * (i + 1)),
+                                     fake_kv(seq(ENTRY_TOKENS, 1000 * (i + 1)))))
+            check(cache)
+        assert [e.tier for e in entries] == ["disk", "disk", "memory", "memory"]
+        assert cache.memory_bytes == 2 * ENTRY_BYTES <= limits.memory_budget
+        await settle(cache)
+        assert files(h.directory) == {e.path.name for e in entries}
+        assert samples(cache, "semcache_cache_evictions_total", tier="memory", reason="budget") == 2
+        # a spilled entry is still found, though not resident
+        match = cache.lookup(T, "agent-0", seq(ENTRY_TOKENS, 1000))
+        assert match.entry is entries[0] and not match.resident
+
+    async def test_use_order_decides_what_spills(self, h):
+        """a recently used (recorded) entry survives; the least recently used one spills."""
+        limits = CacheLimits(memory_budget=int(2.5 * ENTRY_BYTES), ttl=1000.0, min_prefix=4)
+        cache = await h.open(limits)
+        a = cache.put(T, "agent-a", seq(ENTRY_TOKENS, 1000), fake_kv(seq(ENTRY_TOKENS, 1000)))
+        h.clock.tick()
+        b = cache.put(T, "agent-b", seq(ENTRY_TOKENS, 2000), fake_kv(seq(ENTRY_TOKENS, 2000)))
+        h.clock.tick()
+        cache.record(cache.lookup(T, "agent-a", seq(ENTRY_TOKENS, 1000)), ENTRY_TOKENS, from_disk=False)
+        h.clock.tick()
+        c = cache.put(T, "agent-c", seq(ENTRY_TOKENS, 3000), fake_kv(seq(ENTRY_TOKENS, 3000)))
+        check(cache)
+        assert (a.tier, b.tier, c.tier) == ("memory", "disk", "memory")
+        await settle(cache)
+
+    async def test_named_entries_outlive_anonymous_ones(self, h):
+        """anonymous entries spill first, even when more recent than named ones."""
+        limits = CacheLimits(memory_budget=int(2.5 * ENTRY_BYTES), ttl=1000.0, min_prefix=4)
+        cache = await h.open(limits)
+        made = []
+        for i, agent in enumerate(["named-1", None, None, "named-2"]):
+            h.clock.tick()
+            tokens = seq(ENTRY_TOKENS, 1000 * (i + 1))
+            made.append(cache.put(T, agent, tokens, fake_kv(tokens)))
+            check(cache)
+        assert [e.tier for e in made] == ["memory", "disk", "disk", "memory"]
+        await settle(cache)
+
+    async def test_spilled_entry_loads_back_identical(self, h):
+        """load() reads a spilled entry's file back: resident again, arrays equal the original."""
+        limits = CacheLimits(memory_budget=int(2.5 * ENTRY_BYTES), ttl=1000.0, min_prefix=4)
+        cache = await h.open(limits)
+        originals, entries = [], []
+        for i in range(4):
+            h.clock.tick()
+            tokens = seq(ENTRY_TOKENS, 1000 * (i + 1))
+            originals.append(fake_kv(tokens))
+            entries.append(cache.put(T, f"agent-{i}", tokens, originals[-1]))
+        await settle(cache)
+        first = cache.lookup(T, "agent-0", seq(ENTRY_TOKENS, 1000) + [7]).entry
+        assert first is entries[0] and first.tier == "disk"
+        assert await cache.load(first)
+        check(cache)
+        assert first.tier == "memory" and same_data(first.data, originals[0])
+        assert entries[2].tier == "disk"  # the least recently used resident one made room
+        assert await cache.load(first)  # already resident: True at once
+        await settle(cache)
+
+    async def test_fetch_takes_back_an_entry_still_being_written(self, h):
+        """a spilled entry whose file is not written yet is made resident again without reading."""
+        limits = CacheLimits(memory_budget=int(1.5 * ENTRY_BYTES), ttl=1000.0, min_prefix=4, write_through=False)
+        cache = await h.open(limits)
+        a = cache.put(T, "agent-a", seq(ENTRY_TOKENS, 1000), fake_kv(seq(ENTRY_TOKENS, 1000)))
+        h.clock.tick()
+        b = cache.put(T, "agent-b", seq(ENTRY_TOKENS, 2000), fake_kv(seq(ENTRY_TOKENS, 2000)))
+        check(cache)
+        assert a.pending is not None and cache.writing_bytes == ENTRY_BYTES
+        assert cache.lookup(T, "agent-a", seq(ENTRY_TOKENS, 1000)).resident
+        assert cache.fetch(a) is None
+        check(cache)
+        assert a.tier == "memory" and a.pending is None
+        assert b.pending is not None and cache.writing_bytes == ENTRY_BYTES  # b made room for a
+        assert same_data(a.data, fake_kv(seq(ENTRY_TOKENS, 1000)))
+        await settle(cache)
+
+    async def test_no_directory_drops_what_spills(self, h):
+        """without a disk tier, entries past the memory budget are simply dropped."""
+        limits = CacheLimits(memory_budget=int(1.5 * ENTRY_BYTES), ttl=1000.0, min_prefix=4)
+        cache = await h.open(limits, directory=None)
+        a = cache.put(T, "agent-a", seq(ENTRY_TOKENS, 1000), fake_kv(seq(ENTRY_TOKENS, 1000)))
+        h.clock.tick()
+        b = cache.put(T, "agent-b", seq(ENTRY_TOKENS, 2000), fake_kv(seq(ENTRY_TOKENS, 2000)))
+        check(cache)
+        assert a.removed and list(cache.entries.values()) == [b]
+        assert cache.lookup(T, "agent-a", seq(ENTRY_TOKENS, 1000)) is MISS
+
+    # Disk budget, expiry, management ---------------------------------------------------------
+
+    async def test_disk_budget_deletes_oldest_files(self, h, tmp_path):
+        """past the disk budget the oldest files are deleted (entries only on disk go with them)."""
+        size = file_size(tmp_path, ENTRY_TOKENS, h.clock)
+        limits = CacheLimits(memory_budget=0, disk_budget=int(2.5 * size), ttl=1000.0, min_prefix=4)
+        cache = await h.open(limits)
+        entries = []
+        for i in range(4):
+            h.clock.tick()
+            tokens = seq(ENTRY_TOKENS, 1000 * (i + 1))
+            entries.append(cache.put(T, f"agent-{i}", tokens, fake_kv(tokens)))
+            await settle(cache)
+            assert cache.disk_bytes <= limits.disk_budget
+        assert [e.removed for e in entries] == [True, True, False, False]
+        assert files(h.directory) == {e.path.name for e in entries[2:]}
+        assert cache.disk_bytes == sum(e.file_bytes for e in entries[2:]) == 2 * size
+        assert cache.lookup(T, "agent-0", seq(ENTRY_TOKENS, 1000)) is MISS
+        assert samples(cache, "semcache_cache_evictions_total", tier="disk", reason="budget") == 2
+
+    async def test_disk_budget_keeps_resident_entries_in_memory(self, h, tmp_path):
+        """a resident entry whose file is deleted for the disk budget stays served from memory."""
+        size = file_size(tmp_path, ENTRY_TOKENS, h.clock)
+        limits = CacheLimits(memory_budget=1 << 20, disk_budget=int(1.5 * size), ttl=1000.0, min_prefix=4)
+        cache = await h.open(limits)
+        a = cache.put(T, "agent-a", seq(ENTRY_TOKENS, 1000), fake_kv(seq(ENTRY_TOKENS, 1000)))
+        await settle(cache)
+        h.clock.tick()
+        b = cache.put(T, "agent-b", seq(ENTRY_TOKENS, 2000), fake_kv(seq(ENTRY_TOKENS, 2000)))
+        await settle(cache)
+        assert a.path is None and a.dirty and a.tier == "memory" and not a.removed
+        assert files(h.directory) == {b.path.name}
+        assert cache.lookup(T, "agent-a", seq(ENTRY_TOKENS, 1000)).entry is a
+
+    async def test_expire_deletes_entries_past_the_ttl(self, h):
+        """expire() removes entries unused for longer than ttl, with their files; used ones stay."""
+        cache = await h.open()
+        old = cache.put(T, "agent-old", seq(20, 1000), fake_kv(seq(20, 1000)))
+        used = cache.put(T, "agent-used", seq(20, 2000), fake_kv(seq(20, 2000)))
+        await settle(cache)
+        old_file = old.path.name
+        h.clock.tick(600)
+        cache.record(cache.lookup(T, "agent-used", seq(20, 2000)), 20, from_disk=False)
+        fresh = cache.put(T, "agent-fresh", seq(20, 3000), fake_kv(seq(20, 3000)))
+        cache.expire()
+        check(cache)
+        assert len(cache.entries) == 3  # nothing is past the ttl yet
+        h.clock.tick(500)  # old: 1100 s unused; used and fresh: 500 s
+        cache.expire()
+        check(cache)
+        assert old.removed and set(cache.entries.values()) == {used, fresh}
+        assert cache.lookup(T, "agent-old", seq(20, 1000)) is MISS
+        await settle(cache)
+        assert old_file not in files(h.directory) and len(files(h.directory)) == 2
+
+    async def test_delete_removes_memory_and_files(self, h):
+        """delete() removes all of an agent's entries from memory and disk and returns their count."""
+        cache = await h.open()
+        a1 = cache.put(T, "agent-1", seq(20, 1000), fake_kv(seq(20, 1000)))
+        a2 = cache.put(T, "agent-1", seq(20, 2000), fake_kv(seq(20, 2000)))
+        other = cache.put(T, "agent-2", seq(20, 3000), fake_kv(seq(20, 3000)))
+        await settle(cache)
+        paths = [a1.path, a2.path]
+        assert await cache.delete(T, "agent-1") == 2
+        check(cache)
+        assert cache.agents(T, "agent-1") == [] and cache.agents(T) == [other]
+        assert not any(p.exists() for p in paths) and other.path.exists()
+        assert cache.memory_bytes == other.data.nbytes and cache.disk_bytes == other.file_bytes
+        assert await cache.delete(T, "agent-1") == 0
+
+    async def test_delete_while_writing(self, h):
+        """an entry deleted while its file is being written leaves no file behind."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        assert entry.writing is not None
+        assert await cache.delete(T, "agent-1") == 1
+        await settle(cache)
+        assert files(h.directory) == set() and cache.disk_bytes == 0
+
+    async def test_evict_moves_entries_to_disk(self, h):
+        """evict() spills an agent's entries; when it returns their files exist, and they load back."""
+        cache = await h.open(CacheLimits(ttl=1000.0, min_prefix=4, write_through=False))
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        keep = cache.put(T, "agent-2", seq(20, 5000), fake_kv(seq(20, 5000)))
+        assert entry.path is None  # write_through off: nothing written yet
+        evicted = await cache.evict(T, "agent-1")
+        check(cache)
+        assert evicted == [entry] and entry.tier == "disk" and entry.path.exists()
+        assert keep.tier == "memory" and cache.memory_bytes == keep.data.nbytes
+        assert samples(cache, "semcache_cache_evictions_total", tier="memory", reason="request") == 1
+        assert await cache.load(entry)
+        check(cache)
+        assert same_data(entry.data, fake_kv(seq(20)))
+        await settle(cache)
+
+    # Restart ---------------------------------------------------------------------------------
+
+    async def test_restart_indexes_entries_on_disk(self, h):
+        """a new cache on the same directory and fingerprint finds the entries (tier disk) and loads them."""
+        cache = await h.open()
+        originals = {f"agent-{i}": fake_kv(seq(20, 1000 * (i + 1))) for i in range(2)}
+        for i, (agent, data) in enumerate(originals.items()):
+            cache.put(T, agent, seq(20, 1000 * (i + 1)), data)
+        anon = cache.put(T, None, seq(20, 9000), fake_kv(seq(20, 9000)))
+        cache = await h.reopen(cache)
+        assert len(cache.entries) == 3 and all(e.tier == "disk" for e in cache.entries.values())
+        assert cache.memory_bytes == 0 and cache.disk_bytes == sum(e.file_bytes for e in cache.entries.values())
+        for i, (agent, data) in enumerate(originals.items()):
+            match = cache.lookup(T, agent, seq(25, 1000 * (i + 1)))
+            assert match.num_tokens == 20 and match.entry.agent == agent and match.entry.named
+            assert await cache.load(match.entry)
+            check(cache)
+            assert same_data(match.entry.data, data)
+        again = cache.lookup(T, None, seq(21, 9000)).entry
+        assert again.key == anon.key and again.agent == anon.agent and not again.named
+        assert cache.lookup(OTHER, "agent-0", seq(25, 1000)) is MISS
+
+    async def test_directory_is_locked_while_open(self, h):
+        """a second cache cannot take a directory in use; after close it can."""
+        cache = await h.open()
+        second = AgentCache(LIMITS, h.directory, clock=h.clock)
+        with pytest.raises(store.CacheDirLocked):
+            await second.lock()
+        await second.close()
+        await h.close(cache)
+        await h.open()
+
+    async def test_other_fingerprint_counts_files_as_foreign(self, h):
+        """another model's files are never served, are counted in foreign and disk_bytes, and stay."""
+        cache = await h.open()
+        cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        cache.put(T, "agent-2", seq(20, 5000), fake_kv(seq(20, 5000)))
+        cache = await h.reopen(cache, "fp-B")
+        assert cache.lookup(T, "agent-1", seq(25)) is MISS
+        assert cache.entries == {} and len(cache.foreign) == 2
+        assert cache.disk_bytes == sum(f.size for f in cache.foreign.values()) > 0
+        assert samples(cache, "semcache_cache_entries", tier="disk") == 2
+        cache = await h.reopen(cache, "fp-A")
+        assert cache.foreign == {} and len(cache.entries) == 2
+        match = cache.lookup(T, "agent-1", seq(25))
+        assert match.num_tokens == 20 and await cache.load(match.entry)
+        check(cache)
+
+    async def test_foreign_files_go_first_past_the_disk_budget(self, h, tmp_path):
+        """older files of another model are deleted before this model's newer ones."""
+        size = file_size(tmp_path, 20, h.clock)
+        limits = CacheLimits(disk_budget=int(2.5 * size), ttl=1000.0, min_prefix=4)
+        cache = await h.open(limits)
+        cache.put(T, "agent-1", seq(20, 1000), fake_kv(seq(20, 1000)))
+        cache.put(T, "agent-2", seq(20, 2000), fake_kv(seq(20, 2000)))
+        cache = await h.reopen(cache, "fp-B")
+        h.clock.tick()
+        mine = cache.put(T, "agent-3", seq(20, 3000), fake_kv(seq(20, 3000)))
+        await settle(cache)
+        assert len(cache.foreign) == 1 and mine.path.exists()
+        assert len(files(h.directory)) == 2 and cache.disk_bytes <= limits.disk_budget
+
+    async def test_open_expires_stale_files(self, h):
+        """files unused for longer than the ttl are deleted when the cache opens."""
+        cache = await h.open()
+        cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await h.close(cache)
+        h.clock.tick(LIMITS.ttl + 1)
+        cache = await h.open()
+        assert cache.entries == {}
+        await settle(cache)
+        assert files(h.directory) == set() and cache.disk_bytes == 0
+
+    # Corruption ------------------------------------------------------------------------------
+
+    async def test_corrupt_file_is_quarantined_on_load(self, h):
+        """a flipped data byte: the reopened index still hits, but load() is False, the file is moved
+        to quarantine/, the entry is gone and the quarantine counter went up."""
+        cache = await h.open()
+        cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await settle(cache)
+        name = cache.agents(T, "agent-1")[0].path.name
+        await h.close(cache)
+        flip_last_byte(h.directory / "entries" / name)
+        cache = await h.open()
+        match = cache.lookup(T, "agent-1", seq(25))
+        assert match.num_tokens == 20 and match.entry.tier == "disk"
+        before = samples(cache, "semcache_cache_quarantined_total")
+        assert await cache.load(match.entry) is False
+        check(cache)
+        assert match.entry.removed and cache.entries == {} and cache.disk_bytes == 0
+        assert cache.lookup(T, "agent-1", seq(25)) is MISS
+        assert files(h.directory) == set() and files(h.directory, "quarantine") == {name}
+        assert samples(cache, "semcache_cache_quarantined_total") == before + 1
+
+    async def test_unreadable_file_is_quarantined_on_open(self, h):
+        """a file whose header does not parse is quarantined when the cache opens; the rest load."""
+        cache = await h.open()
+        good = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await h.close(cache)
+        (h.directory / "entries" / "deadbeef.safetensors").write_bytes(b"\x10" * 5)
+        (h.directory / "entries" / f".{good.key}.tmp").write_bytes(b"torn")
+        cache = await h.open()
+        await settle(cache)
+        assert samples(cache, "semcache_cache_quarantined_total") == 1
+        assert files(h.directory, "quarantine") == {"deadbeef.safetensors"}
+        assert files(h.directory) == {good.path.name}  # the temp file is gone too
+        assert list(cache.entries) == [good.key]
+
+    async def test_file_of_another_entry_is_refused(self, h):
+        """a file whose metadata does not match the index (swapped under the name) is quarantined."""
+        cache = await h.open()
+        a = cache.put(T, "agent-a", seq(20, 1000), fake_kv(seq(20, 1000)))
+        b = cache.put(T, "agent-b", seq(20, 2000), fake_kv(seq(20, 2000)))
+        await h.close(cache)
+        cache = await h.open()
+        entry = cache.entries[a.key]
+        os.replace(b.path, a.path)
+        assert await cache.load(entry) is False
+        check(cache)
+        assert a.path.name in files(h.directory, "quarantine")
+
+    async def test_failed_write_drops_a_spilled_entry(self, h, monkeypatch):
+        """an OSError writing a spilled entry's file drops the entry and keeps the accounting right."""
+        def broken(*args):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(store, "write", broken)
+        cache = await h.open(CacheLimits(memory_budget=0, ttl=1000.0, min_prefix=4))
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        check(cache)
+        await settle(cache)
+        assert entry.removed and cache.entries == {} and cache.writing_bytes == 0
+
+    # Close -----------------------------------------------------------------------------------
+
+    async def test_close_writes_dirty_entries(self, h):
+        """with write_through off, close() writes memory entries so a restart finds them."""
+        limits = CacheLimits(ttl=1000.0, min_prefix=4, write_through=False)
+        cache = await h.open(limits)
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await settle(cache)
+        assert entry.dirty and files(h.directory) == set()
+        cache = await h.reopen(cache)
+        assert [e.key for e in cache.entries.values()] == [entry.key]
+        restored = cache.entries[entry.key]
+        assert restored.tier == "disk" and await cache.load(restored)
+        assert same_data(restored.data, fake_kv(seq(20)))
+        check(cache)
+
+
+class TestRaces:
+    """Entries removed while their file is read, and files that cannot be quantized: no stuck
+    entry, no drifted accounting."""
+
+    async def test_load_of_an_entry_removed_before_its_read_starts(self, h):
+        """an entry removed (delete/expire/put/disk budget) between fetch and its read: load is False."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await cache.evict(T, "agent-1")
+        loading = cache.fetch(entry)
+        await cache.delete(T, "agent-1")
+        assert await loading is False
+        check(cache)
+
+    async def test_corrupt_read_of_an_entry_removed_meanwhile(self, h):
+        """a corrupt file read while its entry expires: load is False and the accounting holds."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await cache.evict(T, "agent-1")
+        flip_last_byte(entry.path)
+        loading = cache.fetch(entry)
+        await asyncio.sleep(0)  # the read is on the I/O thread now
+        h.clock.tick(LIMITS.ttl + 1)
+        cache.expire()
+        assert await loading is False
+        check(cache)
+
+    async def test_quantized_spill_with_head_dim_80(self, h):
+        """int8 encoding with head_dim 80 (e.g. phi-2): the spilled entry is written or dropped, never stuck."""
+        cache = await h.open(CacheLimits(memory_budget=0, ttl=1000.0, min_prefix=4, encoding="int8"))
+        a = np.ones((1, 2, 20, 80), np.float32)
+        entry = cache.put(T, "agent-1", seq(20), KVData(((a, a.copy()),), "float32"))
+        await settle(cache)
+        assert entry.path is not None, "entry stuck in the writing tier"
+        assert store.read_meta(entry.path).meta.encoding == "native"  # head_dim 80 is not in groups of 32
+        assert cache.writing_bytes == 0
+
+
+def test_common_prefix():
+    """common_prefix counts equal leading tokens of two int arrays."""
+    a = np.array([1, 2, 3, 4], np.int32)
+    assert common_prefix(a, np.array([1, 2, 9], np.int32)) == 2
+    assert common_prefix(a, a[:2]) == 2
+    assert common_prefix(a, np.array([], np.int32)) == 0
+    assert common_prefix(a, np.array([5], np.int32)) == 0
