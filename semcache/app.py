@@ -17,6 +17,7 @@ from semcache.keys import CONFIG, METRICS, SERVICE
 from semcache.kvcache import AgentCache, CacheLimits
 from semcache.metrics import Metrics
 from semcache.scheduler import Limits, Scheduler
+from semcache.store import CacheDirLocked
 from semcache.serving import Service
 
 log = logging.getLogger("semcache")
@@ -102,7 +103,11 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
         await app[BOUND].wait()
     engine = service.engine
     if service.cache is not None:
-        await service.cache.lock()  # before the model: a second daemon on this folder fails fast
+        try:
+            await service.cache.lock()  # before the model: a second daemon on this folder fails fast
+        except CacheDirLocked as exc:
+            log.error("%s", exc)
+            raise
     log.info("model loading: %s", _describe_model(service.config.model))
     if is_slow(BLAS_INFO):
         log.warning("BLAS: %s; CPU inference will be ~30x slower. Install OpenBLAS: %s", BLAS_INFO, INSTALL_HINT)

@@ -179,3 +179,48 @@ class TestTinyModel:
     def test_kv_bytes_per_token(self, engine):
         """K and V, every layer, every KV head, float32."""
         assert kv_bytes_per_token(engine.model, 4) == 2 * 2 * 2 * 16 * 4
+
+
+class TestCachedPrefix:
+    def test_hit_gives_the_logits_of_a_cold_run(self, engine, tokenizer):
+        """A sequence started from another's stored KV (prompt and reply, taken out of a batch of
+        three) decodes with the logits of a cold run of its whole prompt, and the entry is untouched."""
+        ps = prompts(tokenizer)
+        steps = 5
+
+        def run():
+            admit = [Admission(i, p, GREEDY) for i, p in enumerate(ps[:3])]
+            produced = {i: [] for i in range(3)}
+            for _ in range(6):
+                for seq_id, token in engine.batcher.step(admit, []).tokens.items():
+                    produced[seq_id].append(token)
+                admit = []
+            kept = engine.batcher.step([], [0, 1, 2], keep=[1]).kept[1]
+            covered = ps[1] + produced[1][:-1]  # the last sampled token was never fed
+            assert kept.num_tokens == len(covered)
+            before = [np.array(k, copy=True) for k, _ in kept.layers]
+            prompt = covered + tokenizer.encode(" and then the roads", add_special_tokens=False)
+            captured = []
+            orig = engine.batcher._sample
+
+            def spy(logits, rows):
+                captured.extend(np.array(lg) for row, lg in zip(rows, logits) if row.seq_id == 9)
+                return orig(logits, rows)
+
+            engine.batcher._sample = spy
+            try:
+                admit = [Admission(9, prompt, GREEDY, prefix=kept.prefix(len(covered)))]
+                while len(captured) < steps:
+                    engine.batcher.step(admit, [])
+                    admit = []
+                engine.batcher.step([], [9])
+            finally:
+                engine.batcher._sample = orig
+            unchanged = all(np.array_equal(a, k) for a, (k, _) in zip(before, kept.layers))
+            return prompt, captured, unchanged
+
+        prompt, captured, unchanged = engine._executor.submit(run).result()
+        assert unchanged, "a running sequence wrote into a stored entry"
+        ref = engine._executor.submit(reference_logits, engine.model, prompt, steps).result()
+        for step in range(steps):
+            np.testing.assert_allclose(captured[step], ref[step], atol=ATOL, err_msg=f"step {step}")

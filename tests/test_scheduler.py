@@ -240,3 +240,45 @@ class TestScheduler:
             await asyncio.sleep(0.001)
         assert s.finished.reason is FinishReason.ERROR
         assert "slowly" in s.finished.error
+
+
+class TestWithAgentCache:
+    async def test_disk_entry_loads_while_the_request_waits(self, tokenizer, stop_tasks, tmp_path):
+        """A queued request whose entry is on disk has it in memory before a slot frees up, and runs
+        from it: its prefix is its own prompt's start (checked by the fake engine)."""
+        from semcache.kvcache import AgentCache, CacheLimits
+
+        cache = AgentCache(CacheLimits(min_prefix=4), tmp_path)
+        await cache.lock()
+        await cache.open("fp")
+        engine = FakeEngine(tokenizer, step_delay=0.005)
+        scheduler, task = await started(engine, cache, max_active=1)
+        stop_tasks.append(task)
+        try:
+            first = seq(n_prompt=20, max_tokens=3)
+            first.agent = "a"
+            scheduler.submit(first)
+            await first.text()
+            for _ in range(100):
+                if cache.agents("default", "a"):
+                    break
+                await asyncio.sleep(0.01)
+            await cache.evict("default", "a")
+            entry = cache.agents("default", "a")[0]
+            assert entry.tier == "disk"
+            blocker = seq(max_tokens=40)
+            scheduler.submit(blocker)
+            await scheduler.wait_admitted(blocker)
+            follow = Sequence(prompt_ids=first.prompt_ids + first.output_ids + [7, 8], max_tokens=2, agent="a")
+            scheduler.submit(follow)
+            for _ in range(100):
+                if entry.data is not None:
+                    break
+                await asyncio.sleep(0.005)
+            assert entry.data is not None and follow.status is Status.WAITING
+            await follow.text()
+            assert follow.num_cached_tokens == entry.num_tokens and engine.prefix_errors == []
+            assert follow.finished.reason is FinishReason.LENGTH
+        finally:
+            task.cancel()
+            await cache.close()

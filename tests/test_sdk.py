@@ -118,3 +118,18 @@ class TestOpenAISDK:
         with pytest.raises(openai.BadRequestError, match="tools"):
             oai.chat.completions.create(model="m", messages=USER, tools=[
                 {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+
+    def test_agent_turn_two_reports_cached_tokens(self, oai):
+        """With X-Agent-ID, turn 2's usage.prompt_tokens_details.cached_tokens covers turn 1."""
+        system = {"role": "system", "content": "You answer briefly and precisely. " * 12}
+        messages = [system, {"role": "user", "content": "First?"}]
+        agent = {"X-Agent-ID": "sdk-agent"}
+        first = oai.chat.completions.create(model="m", messages=messages, extra_headers=agent)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "Second?"}]
+        second = oai.chat.completions.create(model="m", messages=messages, extra_headers=agent)
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert first.usage.prompt_tokens < cached < second.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError, match="X-Agent-ID"):
+            oai.chat.completions.create(model="m", messages=messages, extra_headers={"X-Agent-ID": "bad id"})
