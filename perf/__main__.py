@@ -1,5 +1,6 @@
 """python -m perf serving --out report.json [--runs 3] [--max-tokens 64] [--no-peer]
-python -m perf agents --out report.json [--agents 12] [--budget 256MiB] [--runs 3]"""
+python -m perf agents --out report.json [--agents 12] [--budget 256MiB] [--runs 3]
+python -m perf quant --out report.json [--prompts 10]"""
 
 import argparse
 import json
@@ -20,8 +21,15 @@ def main() -> None:
     agents.add_argument("--max-tokens", type=int, default=32)
     agents.add_argument("--budget", default="256MiB", help="cache_memory_budget (must not fit every agent)")
     agents.add_argument("--runs", type=int, default=3, help="alternating runs of the miss-overhead test")
+    quant = sub.add_parser("quant", help="effect of int8/int4 KV on disk on greedy answers")
+    quant.add_argument("--out", type=Path, default=Path("perf-quant.json"))
+    quant.add_argument("--prompts", type=int, default=10)
     args = parser.parse_args()
-    if args.command == "agents":
+    if args.command == "quant":
+        from perf import quant as bench
+
+        report = bench.run(args.out, prompts=args.prompts)
+    elif args.command == "agents":
         from perf import agents as bench
 
         report = bench.run(args.out, agents=args.agents, max_tokens=args.max_tokens, budget=args.budget,
