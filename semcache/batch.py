@@ -183,22 +183,41 @@ class Batcher:
     def _prefill(self) -> dict[int, int]:
         """Prompt work for one step, bounded by the prefill budget.
 
-        Short fresh prompts (each at most one chunk) are prefilled together as a group; a long
-        prompt advances one chunk. When both kinds wait, each gets half the budget, so a long
-        prompt never holds short requests back for its whole prefill, and still always progresses.
-        The budget bounds how long running streams wait; with none running, a group may be
-        IDLE_GROUP_FACTOR times larger (one bigger batch is cheaper).
+        Three kinds of work: short fresh prompts (each at most one chunk) are prefilled together as
+        a group; prompts resuming from a cached prefix whose rest fits a chunk are finished together
+        as another group; a long prompt advances one chunk. The kinds waiting share the budget, so a
+        long prompt never holds short or warm requests back for its whole prefill, and still always
+        progresses. The budget bounds how long running streams wait; with none running, a group may
+        be IDLE_GROUP_FACTOR times larger (one bigger batch is cheaper).
         """
-        shorts = [p for p in self.prefills if not p.done and p.remaining <= self.prefill_chunk]
-        longs = [p for p in self.prefills if p.done or p.remaining > self.prefill_chunk]
-        share = 2 if shorts and longs else 1
+        chunk = self.prefill_chunk
+        shorts = [p for p in self.prefills if not p.done and p.remaining <= chunk]
+        resumed = [p for p in self.prefills if p.done and p.remaining <= chunk]
+        longs = [p for p in self.prefills if p.remaining > chunk]
+        share = sum(1 for kind in (shorts, resumed, longs) if kind)
+        budget = chunk * (1 if self.decoding.rows else IDLE_GROUP_FACTOR) // share
         out: dict[int, int] = {}
         if shorts:
-            budget = self.prefill_chunk * (1 if self.decoding.rows else IDLE_GROUP_FACTOR) // share
             out.update(self._prefill_shorts(shorts, budget))
+        if resumed:
+            out.update(self._prefill_resumed(resumed, budget))
         if longs:
-            out.update(self._prefill_one(longs[0], max(1, self.prefill_chunk // share)))
+            out.update(self._prefill_one(longs[0], max(1, chunk // share)))
         return out
+
+    def _prefill_resumed(self, resumed: list[_Prefill], budget: int) -> dict[int, int]:
+        """Prompts that continue a cached prefix (or a long prompt's last chunk): the first one and
+        as many more as fit `budget` in padded suffix tokens, finished in one batch."""
+        group = resumed[:1]
+        for p in resumed[1:]:
+            if (len(group) + 1) * max(p.remaining, *(q.remaining for q in group)) > budget:
+                break
+            group.append(p)
+        if len(group) == 1:
+            return self._prefill_one(group[0], group[0].remaining)
+        layers = range(len(self.model.layers))
+        cache = [BatchKVCache.merge([p.cache[i] for p in group]) for i in layers]
+        return self._prefill_suffixes(group, cache, [p.admission.prompt_ids[p.done :] for p in group])
 
     def _prefill_shorts(self, shorts: list[_Prefill], budget: int) -> dict[int, int]:
         """The first short prompt and as many following ones as fit `budget` (at least one)."""
@@ -241,15 +260,18 @@ class Batcher:
         return self._join(group, cache, logits)
 
     def _prefill_shared(self, group: list[_Prefill], shared: int) -> dict[int, int]:
-        """Prompts with a common prefix (a system prompt): the prefix once, then the suffixes together.
-
-        Suffixes are right-padded so each row continues straight after the shared prefix; the cache's
-        finalize() then rolls the padding to the left, as the decode batch expects.
-        """
+        """Prompts with a common prefix (a system prompt): the prefix once, then the suffixes together."""
         prefix = [KVCache() for _ in self.model.layers]
         self._forward(mx.array([group[0].admission.prompt_ids[:shared]]), prefix, last_logits=False)
         cache = [BatchKVCache.merge([c] * len(group)) for c in prefix]
-        suffixes = [p.admission.prompt_ids[shared:] for p in group]
+        return self._prefill_suffixes(group, cache, [p.admission.prompt_ids[shared:] for p in group])
+
+    def _prefill_suffixes(self, group: list[_Prefill], cache: list[Any], suffixes: list[list[int]]) -> dict[int, int]:
+        """Each row's remaining prompt on top of its cached part, all rows in one forward pass.
+
+        Suffixes are right-padded so each row continues straight after its own cached tokens; the
+        cache's finalize() then rolls the padding to the left, as the decode batch expects.
+        """
         longest = max(map(len, suffixes))
         padding = [longest - len(ids) for ids in suffixes]
         for c in cache:

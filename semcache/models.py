@@ -128,12 +128,14 @@ def _weights_dtype(model: nn.Module) -> str:
 def _fingerprint(path: Path, tokenizer: PreTrainedTokenizerFast, backend: str, dtype: str) -> str:
     """Weights + tokenizer + chat template + backend and compute dtype: caches are only valid within one."""
     h = hashlib.sha256()
-    target = path if path.is_file() else path / "config.json"
-    if target.exists():
-        st = target.stat()
-        h.update(f"{target.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
-    else:
-        h.update(str(path).encode())
+    # The weight files' identity (path, size, mtime: hashing gigabytes at every start would cost more
+    # than the cache saves) and the model config's content.
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
+    config = path / "config.json" if path.is_dir() else None
+    h.update(config.read_bytes() if config is not None and config.exists() else str(path).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update((tokenizer.chat_template or "").encode())
     h.update(f"{backend}:{dtype}".encode())

@@ -224,3 +224,50 @@ class TestCachedPrefix:
         ref = engine._executor.submit(reference_logits, engine.model, prompt, steps).result()
         for step in range(steps):
             np.testing.assert_allclose(captured[step], ref[step], atol=ATOL, err_msg=f"step {step}")
+
+    def test_hits_admitted_together_finish_in_one_batch_exactly(self, engine, tokenizer):
+        """Two sequences resuming from different cached prefixes (of different lengths) are finished
+        in one batched pass and then decode with the logits of their cold runs."""
+        ps = prompts(tokenizer)
+        steps = 4
+        tail = tokenizer.encode(" so", add_special_tokens=False)
+
+        def run():
+            admit = [Admission(i, p, GREEDY) for i, p in enumerate(ps[:2])]
+            started = set()
+            while started != {0, 1}:  # both prompts prefilled and decoding
+                started |= set(engine.batcher.step(admit, []).tokens)
+                admit = []
+            kept = engine.batcher.step([], [0, 1], keep=[0, 1]).kept
+            captured = {10: [], 11: []}
+            orig = engine.batcher._sample
+
+            def spy(logits, rows):
+                for row, lg in zip(rows, logits):
+                    if row.seq_id in captured:
+                        captured[row.seq_id].append(np.array(lg))
+                return orig(logits, rows)
+
+            engine.batcher._sample = spy
+            full = {}
+            try:
+                admit = []
+                for seq_id, source in ((10, 0), (11, 1)):
+                    full[seq_id] = ps[source] + tail * (1 + source)  # suffixes of different lengths
+                    n = len(ps[source])  # the prompt's KV (the entry also holds sampled tokens)
+                    admit.append(Admission(seq_id, full[seq_id], GREEDY, prefix=kept[source].prefix(n)))
+                first_step = engine.batcher.step(admit, []).tokens
+                while min(len(v) for v in captured.values()) < steps:
+                    engine.batcher.step([], [])
+                engine.batcher.step([], [10, 11])
+            finally:
+                engine.batcher._sample = orig
+            return full, captured, set(first_step)
+
+        full, captured, first = engine._executor.submit(run).result()
+        assert first == {10, 11}, "both hits should get their first token in the same step"
+        for seq_id, prompt in full.items():
+            ref = engine._executor.submit(reference_logits, engine.model, prompt, steps).result()
+            for step in range(steps):
+                np.testing.assert_allclose(captured[seq_id][step], ref[step], atol=ATOL,
+                                           err_msg=f"sequence {seq_id}, step {step}")
