@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,6 +62,9 @@ class Entry:
     writing: asyncio.Task | None = None
     loading: asyncio.Task | None = None
     removed: bool = False
+    # Files of the entries this one replaced: deleted only once this one is on disk, so a crash in
+    # between leaves the agent its previous turn rather than nothing.
+    superseded: list[tuple[Path, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -240,16 +243,24 @@ class AgentCache:
             return None
         tokens = np.asarray(token_ids[: data.num_tokens], dtype=np.int32)
         now = self.clock()
-        for old in list(self._pool(tenant, agent)):
+        replaced = []
+        for old in self._pool(tenant, agent):
             shared = common_prefix(old.tokens, tokens)
             if shared == old.num_tokens:
-                self._remove(old, "replaced")
+                replaced.append(old)
             elif shared == len(tokens):  # an entry of this agent already holds all of it
                 old.last_use = now
                 return old
         key = secrets.token_hex(8)
         entry = Entry(key, tenant, agent or ANON + key[:12], agent is not None, tokens, data.dtype, now, now,
                       data=data, dirty=True)
+        for old in replaced:
+            if old.path is not None and old.writing is None:
+                entry.superseded.append((old.path, old.file_bytes))
+                old.path = None  # its file now belongs to the new entry, until that one is written
+            entry.superseded += old.superseded
+            old.superseded = []
+            self._remove(old, "replaced")
         self._index(entry)
         self.memory_bytes += data.nbytes
         if self.limits.write_through and self._lock is not None:
@@ -277,9 +288,9 @@ class AgentCache:
     async def delete(self, tenant: str, agent: str) -> int:
         """Remove an agent's entries from memory and disk; returns once the files are gone."""
         entries = self.agents(tenant, agent)
-        removals = [self._remove(e, "request") for e in entries]
+        removals = [task for e in entries for task in self._remove(e, "request")]
         writes = [e.writing for e in entries if e.writing is not None]
-        await asyncio.gather(*[t for t in removals + writes if t is not None], return_exceptions=True)
+        await asyncio.gather(*removals, *writes, return_exceptions=True)
         return len(entries)
 
     def expire(self) -> None:
@@ -359,10 +370,20 @@ class AgentCache:
         self.disk_bytes -= f.size
         self._spawn(self._run(store.remove, f.path))
 
-    def _remove(self, entry: Entry, reason: str) -> asyncio.Task | None:
+    def _drop_superseded(self, entry: Entry) -> list[asyncio.Task]:
+        tasks = []
+        for path, size in entry.superseded:
+            self.disk_bytes -= size
+            tasks.append(self._spawn(self._run(store.remove, path)))
+        entry.superseded = []
+        return tasks
+
+    def _remove(self, entry: Entry, reason: str) -> list[asyncio.Task]:
+        """Forget the entry; returns the file removals it started."""
         if entry.removed:
-            return None
+            return []
         entry.removed = True
+        superseded = self._drop_superseded(entry)
         del self.entries[entry.key]
         self._tries[entry.tenant].remove(entry.tokens.tolist(), entry.key)
         self._pools[(entry.tenant, entry.agent if entry.named else None)].discard(entry.key)
@@ -372,10 +393,10 @@ class AgentCache:
             self.writing_bytes -= entry.pending.nbytes
         entry.data = entry.pending = None
         if entry.path is None:
-            return None
+            return superseded
         self.disk_bytes -= entry.file_bytes
         path, entry.path = entry.path, None
-        return self._spawn(self._run(store.remove, path))
+        return superseded + [self._spawn(self._run(store.remove, path))]
 
     def _schedule_write(self, entry: Entry) -> None:
         if entry.writing is None:
@@ -401,6 +422,7 @@ class AgentCache:
             return
         entry.path, entry.file_bytes, entry.dirty = stored.path, stored.size, False
         self.disk_bytes += stored.size
+        self._drop_superseded(entry)
         if entry.pending is not None:
             self.writing_bytes -= entry.pending.nbytes
             entry.pending = None
@@ -463,6 +485,7 @@ class AgentCache:
         assert self.memory_bytes == sum(e.data.nbytes for e in live if e.data is not None), "memory bytes drifted"
         assert self.writing_bytes == sum(e.pending.nbytes for e in live if e.pending is not None)
         on_disk = sum(e.file_bytes for e in live if e.path is not None) + sum(f.size for f in self.foreign.values())
+        on_disk += sum(size for e in live for _, size in e.superseded)
         assert self.disk_bytes == on_disk, "disk bytes drifted"
         assert not any(e.data is not None and e.pending is not None for e in live)
         assert sum(len(t) for t in self._tries.values()) == len(live), "trie out of step with entries"

@@ -47,7 +47,7 @@ def server(tmp_path_factory):
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(f"http://127.0.0.1:{port}/health/ready", proc)
-        yield f"http://127.0.0.1:{port}", log
+        yield f"http://127.0.0.1:{port}", log, cache
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -70,6 +70,13 @@ class TestRealModel:
         marks = [text.index(m) for m in ("port bound", "model loading", "model loaded in", "ready")]
         assert marks == sorted(marks)
         assert "BLAS: OpenBLAS" in text
+
+    def test_second_daemon_on_the_same_cache_dir_exits(self, server):
+        """A second daemon on a cache folder in use exits 1 with an error naming the folder."""
+        out = subprocess.run([sys.executable, "-m", "semcache", "serve", "--port", str(free_port()),
+                              "--cache-dir", str(server[2])], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        assert f"the cache directory {server[2]} is in use by another semcache daemon" in out.stderr
 
     def test_anthropic_paris(self, claude):
         """Greedy answer names Paris, non-streaming and through messages.stream()."""

@@ -240,6 +240,31 @@ class TestAgentCache:
         assert files(h.directory) == {new.path.name} and old_file not in files(h.directory)
         assert cache.memory_bytes == new.data.nbytes
 
+    async def test_replaced_file_outlives_the_write_of_its_successor(self, h, monkeypatch):
+        """while the continuation's file is being written, the previous turn's file stays on disk (a
+        crash then still leaves the agent its previous turn); it goes once the new one is written."""
+        import threading
+
+        cache = await h.open()
+        old = cache.put(T, "agent-1", seq(10), fake_kv(seq(10)))
+        await settle(cache)
+        old_file = old.path.name
+        release = threading.Event()
+        real_write = store.write
+
+        def slow_write(*args):
+            release.wait(5)
+            return real_write(*args)
+
+        monkeypatch.setattr(store, "write", slow_write)
+        new = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        check(cache)
+        await asyncio.sleep(0.05)
+        assert files(h.directory) == {old_file}, "the old file went before the new one was written"
+        release.set()
+        await settle(cache)
+        assert files(h.directory) == {new.path.name}
+
     async def test_put_of_a_covered_prefix_keeps_the_existing_entry(self, h):
         """storing a prefix of what the agent already has returns the existing entry, marked used."""
         cache = await h.open()
