@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import statistics
 import tempfile
 import threading
@@ -115,6 +116,16 @@ async def largest_entry(base: str) -> int:
     return max((e["bytes"] for e in data if e["tier"] == "memory"), default=0)
 
 
+def lookups(base: str) -> dict[str, int]:
+    """The daemon's cache lookup counters by result (memory_hit, disk_hit, partial, miss)."""
+    import urllib.request
+
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.findall(r'^semcache_cache_lookups_total\{result="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    return {result: int(float(value)) for result, value in found}
+
+
 def run_agents(workdir: Path, agents: int, max_tokens: int, budget: str) -> dict:
     cache_dir = workdir / "cache"
     env = {"SEMCACHE_CACHE_MEMORY_BUDGET": budget, "SEMCACHE_MAX_QUEUE_WAIT": "600"}
@@ -126,12 +137,14 @@ def run_agents(workdir: Path, agents: int, max_tokens: int, budget: str) -> dict
         with Sampler(base, pid) as sampler:
             before = asyncio.run(agent_turns(base, agents, range(1, 4), histories, systems, max_tokens))
             entry_bytes = asyncio.run(largest_entry(base))
+            lookups_before = lookups(base)
     # servers.running stops the daemon with SIGTERM; start it again on the same cache folder
     port = servers.free_port()
     cmd = servers.semcache_cmd(port) + ["--cache-dir", str(cache_dir)]
     with servers.running(cmd, "/health/ready", port, workdir / "semcache-agents.log", env) as (base, pid, ready):
         with Sampler(base, pid) as sampler2:
             after = asyncio.run(agent_turns(base, agents, range(4, 5), histories, systems, max_tokens))
+            lookups_after = lookups(base)
     cold = statistics.median(r["ttft"] for r in before if r["turn"] == 1)
     warm = statistics.median(r["ttft"] for r in before if r["turn"] > 1)
     restarted = statistics.median(r["ttft"] for r in after)
@@ -142,6 +155,7 @@ def run_agents(workdir: Path, agents: int, max_tokens: int, budget: str) -> dict
         "median_ttft_turn1": cold, "median_ttft_turns2_3": warm, "median_ttft_after_restart": restarted,
         "warm_over_cold": warm / cold, "restart_over_cold": restarted / cold,
         "seconds_to_ready_after_restart": ready,
+        "lookups_turns1_3": lookups_before, "lookups_after_restart": lookups_after,
         "max_memory_tier_bytes": max(sampler.max_memory_bytes, sampler2.max_memory_bytes),
         "largest_entry_bytes": entry_bytes,
         "memory_within_budget_plus_one_entry":
@@ -258,6 +272,8 @@ def run(out: Path, agents: int = 12, max_tokens: int = 32, budget: str = "256MiB
         "largest_entry_bytes": agents_report["largest_entry_bytes"],
         "memory_within_budget_plus_one_entry": agents_report["memory_within_budget_plus_one_entry"],
         "peak_rss_mb": round(agents_report["peak_rss_mb"], 1),
+        "lookups_turns1_3": agents_report["lookups_turns1_3"],
+        "lookups_after_restart": agents_report["lookups_after_restart"],
     }
     report = {"benchmark": "agents", "machine": machine_info(), "summary": summary,
               "agents": agents_report, "disk_load": load, "miss_overhead": miss}
