@@ -189,6 +189,7 @@ class TestAgentsEndpoints:
         assert [e["agent_id"] for e in listing] == ["agent-e"] and listing[0]["tier"] == "memory"
         r = await client.post("/v1/agents/agent-e/evict")
         assert r.status == 200 and {e["tier"] for e in (await r.json())["entries"]} == {"disk"}
+        await client.app[SERVICE].cache.settle()  # turn 1's file is deleted once turn 2's is written
         files = list((tmp_path / "c" / "entries").glob("*.safetensors"))
         assert len(files) == 1 and oct(files[0].stat().st_mode & 0o777) == "0o600"
         _, third = await post_msg(client, body, "agent-e")
