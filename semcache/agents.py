@@ -10,7 +10,7 @@ from msgspec import Meta, Struct
 
 from semcache import anthropic, openai
 from semcache.errors import ApiError, Kind, invalid
-from semcache.identity import DEFAULT_TENANT, TENANT, check_agent_id
+from semcache.identity import DEFAULT_TENANT, TENANT, check_agent_id, rate_key
 from semcache.keys import SERVICE
 from semcache.kvcache import AgentCache
 from semcache.sequence import FinishReason, SamplingParams
@@ -102,7 +102,7 @@ async def warm_agent(request: web.Request) -> web.Response:
         raise invalid("the agent cache is disabled (cache_enabled = false)")
     messages = _warm_messages(request, await request.read())
     gen = Generation(messages=messages, max_tokens=0, sampling=SamplingParams(temperature=0.0),
-                     tenant=tenant, agent=agent)
+                     tenant=tenant, agent=agent, rate_key=rate_key(request))
     seq = await service.start(gen, warm=True)
     try:
         await seq.text()
@@ -110,7 +110,7 @@ async def warm_agent(request: web.Request) -> web.Response:
             raise failure(seq.finished)
         entry = await seq.on_stored
     finally:
-        service.scheduler.abort(seq)
+        service.release(seq)
     if entry is None:
         raise ApiError(Kind.INTERNAL, "the prompt was prefilled but could not be stored")
     return web.json_response({

@@ -12,10 +12,10 @@ from msgspec import Meta, Struct
 from semcache import sse
 from semcache.chat import ChatMessage
 from semcache.errors import anthropic_body, invalid, unsupported
-from semcache.identity import identity
+from semcache.identity import identity, note_usage, priority, rate_key
 from semcache.keys import SERVICE
 from semcache.sequence import FinishReason, SamplingParams, Sequence
-from semcache.serving import Generation, decode_body, failure, parse_priority
+from semcache.serving import Generation, decode_body, failure
 
 STOP_REASONS = {
     FinishReason.END: "end_turn",
@@ -181,11 +181,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
         max_tokens=body.max_tokens,
         sampling=sampling,
         stop=tuple(body.stop_sequences or ()),
-        priority=parse_priority(request.headers.get("X-Priority"), body.priority),
+        priority=priority(request, body.priority),
         continue_final=True,  # Anthropic "prefill": the answer continues a final assistant turn
         tenant=tenant,
         agent=agent,
         breakpoint=breakpoint_messages(body),
+        rate_key=rate_key(request),
     )
     seq = await service.start(gen)
     try:
@@ -197,7 +198,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
             raise failure(seq.finished)
         return web.json_response(_message(body, msg_id, [{"type": "text", "text": text}], seq))
     finally:
-        service.scheduler.abort(seq)
+        note_usage(request, [seq])
+        service.release(seq)
 
 
 async def _stream(request: web.Request, body: MessagesRequest, seq: Sequence, msg_id: str):

@@ -13,7 +13,9 @@ from semcache.blas import BLAS_INFO, INSTALL_HINT, is_slow
 from semcache.config import Config
 from semcache.engine import Engine
 from semcache.errors import ApiError, Kind
-from semcache.keys import CONFIG, METRICS, SERVICE
+from semcache.keys import CONFIG, KEYRING, LIMITER, METRICS, SERVICE
+from semcache.ratelimit import RateLimiter, RateLimits
+from semcache.tenants import KeyRing
 from semcache.kvcache import AgentCache, CacheLimits
 from semcache.metrics import Metrics
 from semcache.scheduler import Limits, Scheduler
@@ -33,9 +35,12 @@ def make_app(config: Config, engine: Engine | None = None) -> web.Application:
     """The whole HTTP app. Without `engine`, an MLXEngine on `config.model` is loaded after start-up."""
     app = web.Application(
         client_max_size=config.max_body,
-        middlewares=[middleware.request_context, middleware.errors, middleware.auth],
+        middlewares=[middleware.request_context, middleware.errors, middleware.auth, middleware.rate_limit],
     )
     app[CONFIG] = config
+    app[KEYRING] = KeyRing(config.api_keys, config.api_keys_file)
+    rates = RateLimits(config.rate_limit_rpm, config.rate_limit_tpm, config.rate_limit_global_rpm)
+    app[LIMITER] = RateLimiter(rates) if any((rates.rpm, rates.tpm, rates.global_rpm)) else None
     if engine is None:
         from semcache.engine import MLXEngine
 
@@ -50,7 +55,8 @@ def make_app(config: Config, engine: Engine | None = None) -> web.Application:
     )
     app[METRICS] = metrics = Metrics()
     cache = make_cache(config, metrics) if config.cache_enabled else None
-    app[SERVICE] = Service(config, engine, Scheduler(engine, limits, cache), cache)
+    app[SERVICE] = Service(config, engine, Scheduler(engine, limits, cache, metrics=metrics), cache,
+                           app[LIMITER])
     app.on_response_prepare.append(middleware.add_request_id)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.add_routes([
@@ -119,6 +125,7 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
         log.error("model failed to load: %s", exc)
         raise
     info = engine.info
+    app[METRICS].model_load_seconds.set(getattr(engine, "load_seconds", 0.0) or 0.0)
     log.info(
         "model loaded in %.1f s: %s (%s, %.0f MB, %s on %s, context %d)",
         getattr(engine, "load_seconds", 0.0) or 0.0, info.model_id, info.path,

@@ -49,7 +49,22 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     batch_wait: Annotated[float, Meta(ge=0, le=1)] = 0.01
     backlog: Positive = 1024
     api_keys: list[str] = []
+    # One `tenant:key` (or bare `key`) per line; re-read on SIGHUP. Keys are never logged.
+    api_keys_file: str | None = None
+    # Guards /admin/* and priorities below default_priority; unset: /admin/* is 404.
+    admin_key: str | None = None
+    # Binding anything but a loopback address without API keys needs this set explicitly.
+    allow_unauthenticated: bool = False
+    # Serve /metrics without an API key (for a Prometheus on a private network).
+    metrics_public: bool = False
+    # Token buckets per key (requests and prompt+max_tokens per minute) and for all keys together.
+    rate_limit_rpm: Annotated[int, Meta(ge=1)] | None = None
+    rate_limit_tpm: Annotated[int, Meta(ge=1)] | None = None
+    rate_limit_global_rpm: Annotated[int, Meta(ge=1)] | None = None
+    # SIGTERM: seconds running requests may take to finish before they are ended.
+    drain_timeout: Annotated[float, Meta(ge=0)] = 30.0
     log_level: str = "info"
+    log_format: Literal["json", "text"] = "json"
     # The agent cache (DESIGN.md §3): byte budgets per tier, entry lifetime, smallest useful hit.
     cache_enabled: bool = True
     cache_memory_budget: Annotated[int, Meta(ge=0)] = 2 << 30

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 from aiohttp import web
 
-from semcache.errors import invalid
+from semcache.errors import ApiError, Kind, invalid
 from semcache.kvcache import ANON
+from semcache.serving import parse_priority
 
-TENANT = "tenant"  # request key, set by the auth middleware
+TENANT = "tenant"  # request key, set by the auth middleware: the tenant's id (tenants.tenant_id)
+KEY = "key_id"  # request key: which API key was used (tenants.key_id), for rate limits and logs
+ADMIN = "admin"  # request key: True when the admin key was given
+USAGE = "usage"  # request key: token counts and TTFT for the access log
+ANONYMOUS = "anonymous"  # the rate-limit key of callers without an API key
 DEFAULT_TENANT = "default"  # every caller, when no api_keys are configured
+DEFAULT_PRIORITY = 5  # lower values are more urgent; below this needs the admin key (with auth on)
 AGENT_HEADERS = ("X-Agent-ID", "X-Session-ID")
 MAX_AGENT_ID = 128
 _AGENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
-
-
-def tenant_of(api_key: str) -> str:
-    """A stable tenant id that is not the key itself (it is written into cache files)."""
-    return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
 def check_agent_id(value: str, where: str, anon_ok: bool = False) -> str:
@@ -43,3 +43,29 @@ def identity(request: web.Request) -> tuple[str, str | None]:
         return tenant, None
     header, value = next(iter(given.items()))
     return tenant, check_agent_id(value, header)
+
+
+def priority(request: web.Request, body_value: int | None) -> int:
+    """X-Priority (or the body's `priority`), 0-9; with API keys on, values below the default
+    need the admin key, so no tenant can jump the queue."""
+    value = parse_priority(request.headers.get("X-Priority"), body_value, DEFAULT_PRIORITY)
+    if value < DEFAULT_PRIORITY and request.get(KEY) is not None and not request.get(ADMIN):
+        raise ApiError(Kind.PERMISSION, f"priorities below {DEFAULT_PRIORITY} need the admin key (got {value})")
+    return value
+
+
+def note_usage(request: web.Request, seqs: list) -> None:
+    """Token counts, cache reuse and TTFT of a finished generation, for the access log line."""
+    first = seqs[0]
+    request[USAGE] = {
+        "prompt_tokens": first.num_prompt_tokens,
+        "cached_tokens": first.num_cached_tokens,
+        "output_tokens": sum(s.num_output_tokens for s in seqs),
+        "cache": "hit" if first.num_cached_tokens else "miss",
+        "ttft_ms": round((first.first_token_at - first.arrival) * 1000, 1) if first.first_token_at else None,
+    }
+
+
+def rate_key(request: web.Request) -> str:
+    """Whose rate-limit buckets a request draws from: its API key's, or the shared anonymous ones."""
+    return request.get(KEY) or ANONYMOUS

@@ -9,8 +9,12 @@ from aiohttp import web
 if TYPE_CHECKING:
     from semcache.config import Config
     from semcache.metrics import Metrics
+    from semcache.ratelimit import RateLimiter
+    from semcache.tenants import KeyRing
     from semcache.serving import Service
 
 CONFIG: web.AppKey["Config"] = web.AppKey("config")
 SERVICE: web.AppKey["Service"] = web.AppKey("service")
 METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
+KEYRING: web.AppKey["KeyRing"] = web.AppKey("keyring")
+LIMITER: web.AppKey["RateLimiter | None"] = web.AppKey("limiter")

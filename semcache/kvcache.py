@@ -130,7 +130,7 @@ class AgentCache:
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="semcache-io")
         self._tasks: set[asyncio.Task] = set()
         self._lock: Any = None
-        self.metrics.watch_cache(self._bytes_in, self._entries_in)
+        self._update_gauges()
 
     # Lifecycle -------------------------------------------------------------------------------
 
@@ -157,6 +157,7 @@ class AgentCache:
                               path=f.path, file_bytes=f.size))
         self.expire()
         self._enforce_disk()
+        self._update_gauges()
         log.info("agent cache: %d entries on disk for this model (%d of other models, %d quarantined), %s",
                  len(self.entries), len(self.foreign), len(bad), self.directory)
 
@@ -266,6 +267,7 @@ class AgentCache:
         if self.limits.write_through and self._lock is not None:
             self._schedule_write(entry)
         self._enforce_memory()
+        self._update_gauges()
         return entry
 
     # Management (the /v1/agents API) ------------------------------------------------------------
@@ -292,6 +294,37 @@ class AgentCache:
         writes = [e.writing for e in entries if e.writing is not None]
         await asyncio.gather(*removals, *writes, return_exceptions=True)
         return len(entries)
+
+    async def purge(self, tenant: str) -> int:
+        """Delete every entry of a tenant, of every model (its keys are gone); returns the count."""
+        entries = [e for e in self.entries.values() if e.tenant == tenant]
+        tasks = [task for e in entries for task in self._remove(e, "purge")]
+        tasks += [e.writing for e in entries if e.writing is not None]
+        foreign = [k for k, f in self.foreign.items() if f.meta.tenant == tenant]
+        tasks += [self._drop_foreign(k, "purge") for k in foreign]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(entries) + len(foreign)
+
+    async def switch(self, fingerprint: str) -> None:
+        """Another model was loaded: this model's entries go to disk and are kept under their
+        fingerprint (served again if it returns); the new model's files become servable."""
+        for entry in list(self.entries.values()):
+            if entry.dirty and self._lock is not None:
+                self._schedule_write(entry)
+        await self.settle()
+        for entry in list(self.entries.values()):
+            if entry.path is not None:  # hand its file to the foreign index before forgetting it
+                meta = self._meta(entry, "native")
+                self.foreign[entry.key] = store.StoredFile(entry.path, meta, entry.file_bytes, entry.tokens)
+                entry.path = None  # the bytes stay counted: the file is now a foreign one
+            self._remove(entry, "model_swap")
+        self.fingerprint = fingerprint
+        for key in [k for k, f in self.foreign.items() if f.meta.fingerprint == fingerprint]:
+            f = self.foreign.pop(key)
+            m = f.meta
+            self._index(Entry(m.key, m.tenant, m.agent, m.named, f.tokens, m.dtype, m.created, m.last_use,
+                              path=f.path, file_bytes=f.size))
+        self._update_gauges()
 
     def expire(self) -> None:
         """Delete entries (and other models' files) unused for longer than the TTL."""
@@ -329,6 +362,7 @@ class AgentCache:
         entry.last_use = self.clock()  # about to be used: never the next to spill
         self.memory_bytes += data.nbytes
         self._enforce_memory(keep=entry)
+        self._update_gauges()
 
     def _enforce_memory(self, keep: Entry | None = None) -> None:
         while self.memory_bytes > self.limits.memory_budget:
@@ -347,6 +381,7 @@ class AgentCache:
             self._schedule_write(entry)
         elif entry.path is None:  # no disk tier to spill to: the entry is gone
             self._remove(entry, reason)
+        self._update_gauges()
 
     def _enforce_disk(self) -> None:
         while self.disk_bytes > self.limits.disk_budget:
@@ -364,11 +399,13 @@ class AgentCache:
                 self._spawn(self._run(store.remove, oldest.path))
                 oldest.path, oldest.file_bytes, oldest.dirty = None, 0, True
             self.metrics.cache_evictions.labels("disk", "budget").inc()
+        self._update_gauges()
 
-    def _drop_foreign(self, key: str, reason: str) -> None:
+    def _drop_foreign(self, key: str, reason: str) -> asyncio.Task:
         f = self.foreign.pop(key)
         self.disk_bytes -= f.size
-        self._spawn(self._run(store.remove, f.path))
+        self._update_gauges()
+        return self._spawn(self._run(store.remove, f.path))
 
     def _drop_superseded(self, entry: Entry) -> list[asyncio.Task]:
         tasks = []
@@ -392,10 +429,12 @@ class AgentCache:
         if entry.pending is not None:
             self.writing_bytes -= entry.pending.nbytes
         entry.data = entry.pending = None
+        self._update_gauges()
         if entry.path is None:
             return superseded
         self.disk_bytes -= entry.file_bytes
         path, entry.path = entry.path, None
+        self._update_gauges()
         return superseded + [self._spawn(self._run(store.remove, path))]
 
     def _schedule_write(self, entry: Entry) -> None:
@@ -404,9 +443,7 @@ class AgentCache:
 
     async def _write(self, entry: Entry) -> None:
         data = entry.data if entry.data is not None else entry.pending
-        encoding = self.limits.encoding if data.quantizable else "native"
-        meta = store.EntryMeta(entry.key, self.fingerprint, entry.tenant, entry.agent, entry.named,
-                               entry.num_tokens, entry.dtype, encoding, entry.created, entry.last_use)
+        meta = self._meta(entry, self.limits.encoding if data.quantizable else "native")
         try:
             stored = await timed(self.metrics.cache_disk_write_seconds,
                                  self._run(_write_entry, self.directory, meta, entry.tokens, data))
@@ -427,6 +464,11 @@ class AgentCache:
             self.writing_bytes -= entry.pending.nbytes
             entry.pending = None
         self._enforce_disk()
+        self._update_gauges()
+
+    def _meta(self, entry: Entry, encoding: str) -> store.EntryMeta:
+        return store.EntryMeta(entry.key, self.fingerprint, entry.tenant, entry.agent, entry.named,
+                               entry.num_tokens, entry.dtype, encoding, entry.created, entry.last_use)
 
     async def _read(self, entry: Entry) -> bool:
         try:
@@ -468,6 +510,12 @@ class AgentCache:
         return task
 
     # Introspection ---------------------------------------------------------------------------
+
+    def _update_gauges(self) -> None:
+        """Set the tier gauges now (called after every change, so a scrape never computes them)."""
+        for tier in ("memory", "disk", "writing"):
+            self.metrics.cache_bytes.labels(tier).set(self._bytes_in(tier))
+            self.metrics.cache_entries.labels(tier).set(self._entries_in(tier))
 
     def _bytes_in(self, tier: str) -> int:
         return {"memory": self.memory_bytes, "disk": self.disk_bytes, "writing": self.writing_bytes}[tier]

@@ -5,14 +5,19 @@ Served at /metrics; disk I/O durations are timed with prometheus-async's `time` 
 
 from __future__ import annotations
 
-from typing import Callable
+import resource
+import sys
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
 TIERS = ("memory", "disk", "writing")
 LOOKUP_RESULTS = ("memory_hit", "disk_hit", "partial", "miss")
 _IO_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+# ru_maxrss is kilobytes on Linux, bytes on macOS
+_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
 class Metrics:
@@ -37,12 +42,33 @@ class Metrics:
             registry=r)
         for result in LOOKUP_RESULTS:
             self.cache_lookups.labels(result)
+        self._serving_metrics(r)
 
-    def watch_cache(self, bytes_of: Callable[[str], int], entries_of: Callable[[str], int]) -> None:
-        """Gauges read the cache's own counts at scrape time, so they can never drift from it."""
-        for tier in TIERS:
-            self.cache_bytes.labels(tier).set_function(lambda t=tier: bytes_of(t))
-            self.cache_entries.labels(tier).set_function(lambda t=tier: entries_of(t))
+    def _serving_metrics(self, r: CollectorRegistry) -> None:
+        self.requests = Counter("semcache_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.ttft = Histogram("semcache_time_to_first_token_seconds", "Arrival to first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("semcache_inter_token_latency_seconds", "Time between a sequence's tokens",
+                             buckets=_TOKEN_BUCKETS, registry=r)
+        self.duration = Histogram("semcache_request_duration_seconds", "Arrival to the last token",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("semcache_queue_wait_seconds", "Arrival to admission into the batch",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("semcache_queue_depth", "Requests waiting for a slot", registry=r)
+        self.active = Gauge("semcache_active_sequences", "Sequences in the running batch", registry=r)
+        self.prompt_tokens = Counter("semcache_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("semcache_generated_tokens", "Tokens generated", registry=r)
+        self.step_seconds = Histogram("semcache_step_duration_seconds", "One engine step (decode + prefill)",
+                                      buckets=_TOKEN_BUCKETS, registry=r)
+        self.model_load_seconds = Gauge("semcache_model_load_seconds", "Time the current model took to load",
+                                        registry=r)
+        self.max_rss = Gauge("semcache_process_max_resident_memory_bytes", "Peak resident memory (any OS)",
+                             registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc. where /proc exists (Linux)
+
+    def sample_process(self) -> None:
+        self.max_rss.set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")

@@ -1,9 +1,11 @@
-"""Middlewares, outermost first: request id + access log → errors (dialect-shaped) → auth."""
+"""Middlewares, outermost first: request id + access log + request metrics → errors (dialect-shaped)
+→ auth → rate limit."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 import time
 
@@ -11,13 +13,16 @@ import msgspec
 from aiohttp import web
 
 from semcache.errors import ApiError, Kind, anthropic_body, openai_body, status_for
-from semcache.identity import TENANT, tenant_of
-from semcache.keys import CONFIG
+from semcache.identity import ADMIN, ANONYMOUS, KEY, TENANT, USAGE
+from semcache.keys import CONFIG, KEYRING, LIMITER, METRICS
+from semcache.ratelimit import Grant, RateLimited, RateLimiter, anthropic_headers, openai_headers
+from semcache.tenants import key_id, tenant_id
 
 log = logging.getLogger("semcache.http")
 access = logging.getLogger("semcache.access")
 
 REQUEST_ID = "request_id"
+GENERATION_PATHS = frozenset({"/v1/messages", "/v1/chat/completions", "/chat/completions"})
 _HTTP_KINDS = {
     401: Kind.AUTHENTICATION,
     403: Kind.PERMISSION,
@@ -51,28 +56,67 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
 
 @web.middleware
 async def request_context(request: web.Request, handler):
-    """Outermost: a request id for every response (set at prepare, so SSE streams get it) and a log line."""
+    """Outermost: a request id for every response (set at prepare, so SSE streams get it), the
+    request counter and one access-log line, so 401s and 429s are counted and logged too."""
     request[REQUEST_ID] = "req_" + secrets.token_hex(12)
     start = time.perf_counter()
-    status = 0
+    status = 499  # the client went away before an answer
     try:
         response = await handler(request)
         status = response.status
         return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
     finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].requests.labels(route, str(status)).inc()
         if not request.path.startswith("/health"):
-            access.info(
-                "%s %s %s %.1fms %s", request.method, request.path, status,
-                (time.perf_counter() - start) * 1000, request[REQUEST_ID],
-            )
+            seconds = time.perf_counter() - start
+            fields = {"request_id": request[REQUEST_ID], "method": request.method, "route": route,
+                      "status": status, "duration_ms": round(seconds * 1000, 1), **request.get(USAGE, {})}
+            access.info("%s %s %s %.1fms %s", request.method, request.path, status, seconds * 1000,
+                        request[REQUEST_ID], extra={"fields": fields})
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare hook: both SDKs read the id from their own header name."""
+    """on_response_prepare hook: both SDKs read the id from their own header name; rate-limit
+    headers (both dialects' names) go on every response of a limited key."""
     request_id = request.get(REQUEST_ID)
     if request_id:
         response.headers["request-id"] = request_id
         response.headers["x-request-id"] = request_id
+    limiter = request.app[LIMITER]
+    if limiter is not None and not request.path.startswith("/health/"):
+        snap = limiter.snapshot(request.get(KEY) or ANONYMOUS)
+        headers = anthropic_headers(snap, time.time()) if is_anthropic(request) else openai_headers(snap)
+        response.headers.update(headers)
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler):
+    """Innermost: requests per minute for every route but /health/*; generation routes are charged
+    their tokens too, once the prompt is tokenized (Service.start), before they reach the queue."""
+    limiter = request.app[LIMITER]
+    if limiter is None or request.path.startswith("/health/"):
+        return await handler(request)
+    if request.method == "POST" and request.path in GENERATION_PATHS or request.path.endswith("/warm"):
+        return await handler(request)
+    grant = charge(limiter, request.get(KEY) or ANONYMOUS, 0)
+    grant.settle(0)
+    return await handler(request)
+
+
+def charge(limiter: RateLimiter, key: str, tokens: int) -> Grant:
+    """Take one request and `tokens` from the key's buckets, or raise the dialect-neutral ApiError."""
+    try:
+        return limiter.acquire(key, tokens)
+    except RateLimited as exc:
+        if exc.never:
+            raise ApiError(Kind.INVALID_REQUEST, exc.message) from None
+        raise ApiError(Kind.RATE_LIMIT, f"rate limit exceeded: {exc.message}",
+                       retry_after=max(1, math.ceil(exc.retry_after))) from None
 
 
 @web.middleware
@@ -106,22 +150,41 @@ def _http_message(request: web.Request, exc: web.HTTPException) -> str:
     return exc.text or exc.reason
 
 
-@web.middleware
-async def auth(request: web.Request, handler):
-    """With api_keys configured, every route but /health/* needs x-api-key or Authorization: Bearer."""
-    keys = request.app[CONFIG].api_keys
-    if not keys or request.path.startswith("/health/"):
-        return await handler(request)
+def given_key(request: web.Request) -> str | None:
+    """The key sent as x-api-key or Authorization: Bearer (both SDKs' ways)."""
     given = request.headers.get("x-api-key")
     bearer = request.headers.get("Authorization", "")
     if given is None and bearer[:7].lower() == "bearer ":
         given = bearer[7:].strip()
+    return given
+
+
+@web.middleware
+async def auth(request: web.Request, handler):
+    """/health/* is open; /admin/* needs the admin key (404 without one configured); with API keys
+    configured every other route (and /metrics unless metrics_public) needs one of them. The admin
+    key is accepted everywhere."""
+    config = request.app[CONFIG]
+    path = request.path
+    if path.startswith("/health/"):
+        return await handler(request)
+    given = given_key(request)
+    admin = bool(config.admin_key and given and hmac.compare_digest(given.encode(), config.admin_key.encode()))
+    request[ADMIN] = admin
+    if path.startswith("/admin/"):
+        if not config.admin_key:
+            raise web.HTTPNotFound()
+        if not admin:
+            raise ApiError(Kind.AUTHENTICATION, "admin routes need the admin key (x-api-key)")
+        return await handler(request)
+    keys = request.app[KEYRING]
+    if not keys.enabled or (path == "/metrics" and config.metrics_public):
+        return await handler(request)
     if given is None:
         raise ApiError(Kind.AUTHENTICATION, "missing API key: send x-api-key or Authorization: Bearer")
-    ok = False
-    for key in keys:  # compare with every key, so timing does not tell which one nearly matched
-        ok |= hmac.compare_digest(given.encode(), key.encode())
-    if not ok:
+    tenant = "admin" if admin else keys.tenant(given)
+    if tenant is None:
         raise ApiError(Kind.AUTHENTICATION, "invalid API key")
-    request[TENANT] = tenant_of(given)  # cache entries are scoped to the key
+    request[TENANT] = tenant_id(tenant)  # cache entries are scoped to the tenant
+    request[KEY] = key_id(given)
     return await handler(request)

@@ -15,10 +15,10 @@ from msgspec import Meta, Struct
 from semcache import sse
 from semcache.chat import ChatMessage
 from semcache.errors import invalid, openai_body, unsupported
-from semcache.identity import identity
+from semcache.identity import identity, note_usage, priority, rate_key
 from semcache.keys import SERVICE
 from semcache.sequence import FinishReason, SamplingParams, Sequence
-from semcache.serving import Generation, decode_body, failure, parse_priority
+from semcache.serving import Generation, decode_body, failure
 
 FINISH_REASONS = {
     FinishReason.END: "stop",
@@ -151,10 +151,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         max_tokens=max_tokens,
         sampling=sampling,
         stop=stop,
-        priority=parse_priority(request.headers.get("X-Priority"), body.priority),
+        priority=priority(request, body.priority),
         continue_final=body.continue_final_message,
         tenant=tenant,
         agent=agent,
+        rate_key=rate_key(request),
     )
     if body.n > service.config.max_active:
         raise invalid(f"n ({body.n}) is larger than max_active ({service.config.max_active})", param="n")
@@ -184,8 +185,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         ]
         return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage(seqs)})
     finally:
+        note_usage(request, seqs)
         for seq in seqs:
-            service.scheduler.abort(seq)
+            service.release(seq)
 
 
 async def _start_choices(service, gen: Generation, n: int) -> list[Sequence]:
@@ -206,7 +208,7 @@ async def _start_choices(service, gen: Generation, n: int) -> list[Sequence]:
         await asyncio.gather(*tasks, return_exceptions=True)
         for task in tasks:
             if not task.cancelled() and task.exception() is None:
-                service.scheduler.abort(task.result())
+                service.release(task.result())
         raise
     return [task.result() for task in tasks]
 

@@ -18,6 +18,7 @@ from semcache.batch import Admission
 from semcache.chat import Detokenizer, StopMatcher
 from semcache.engine import Engine
 from semcache.kvcache import MISS, AgentCache, Match
+from semcache.metrics import Metrics
 from semcache.sequence import Finished, FinishReason, Sequence, Status
 
 log = logging.getLogger("semcache.scheduler")
@@ -59,10 +60,12 @@ class Scheduler:
     """Owns the priority queue and the loop task; `submit` / `abort` are its whole public surface."""
 
     def __init__(self, engine: Engine, limits: Limits, cache: AgentCache | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None):
         self.engine = engine
         self.limits = limits
         self.cache = cache
+        self.metrics = metrics or Metrics()
+        self.paused = False  # a model swap: admit nothing, let the running finish
         self.clock = clock
         self.queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
         self.ready = False
@@ -120,6 +123,7 @@ class Scheduler:
         seq.arrival = self.clock()
         seq.status = Status.WAITING
         self._num_waiting += 1
+        self.metrics.queue_depth.set(self._num_waiting)
         self.queue.put_nowait((seq.sort_key(), seq))
         self._wake.set()
         self._lookup(seq)  # an entry on disk starts loading while the request waits
@@ -180,6 +184,11 @@ class Scheduler:
                 tokens, kept = {}, {}
             self._store(keep, kept)
             self.num_steps += 1
+            m = self.metrics
+            m.step_seconds.observe(time.perf_counter() - started)
+            m.queue_depth.set(self._num_waiting)
+            m.active.set(len(self._running))
+            m.sample_process()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("step %d: %.1f ms, admitted %d, released %d, running %d, waiting %d",
                           self.num_steps, (time.perf_counter() - started) * 1000, len(admit), len(release),
@@ -245,6 +254,8 @@ class Scheduler:
             self._kv_reserved += need
             seq.status = Status.RUNNING
             seq.admitted_at = self.clock()
+            self.metrics.queue_wait.observe(seq.admitted_at - seq.arrival)
+            self.metrics.prompt_tokens.inc(seq.num_prompt_tokens)
             self._running[seq.seq_id] = seq
             tokenizer = self.engine.tokenizer
             self._text[seq.seq_id] = _TextState(Detokenizer(tokenizer), StopMatcher(seq.stop))
@@ -263,8 +274,13 @@ class Scheduler:
         return match.entry.data.prefix(match.num_tokens) if match.entry is not None else None
 
     def _on_token(self, seq: Sequence, token: int) -> None:
+        now = self.clock()
         if seq.first_token_at is None:
-            seq.first_token_at = self.clock()
+            seq.first_token_at = now
+            self.metrics.ttft.observe(now - seq.arrival)
+        elif seq.last_token_at is not None:
+            self.metrics.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
         if seq.max_tokens <= 0:
             return self._finish(seq, Finished(FinishReason.LENGTH))
         seq.output_ids.append(token)
@@ -291,6 +307,8 @@ class Scheduler:
             tail, stop = text.stops.feed(text.detok.flush())
             self._emit(seq, tail + (text.stops.flush() if stop is None else ""))
         if self._running.pop(seq.seq_id, None) is not None:
+            self.metrics.duration.observe(self.clock() - seq.arrival)
+            self.metrics.generated_tokens.inc(seq.num_output_tokens)
             self._kv_reserved -= self.kv_need(seq)
             self._release.append(seq.seq_id)
             if self.cache is not None and finished.reason is not FinishReason.ERROR:

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 _ids = itertools.count(1)
 
@@ -75,12 +76,14 @@ class Sequence:
     arrival: float = 0.0
     admitted_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
     tenant: str = "default"
     agent: str | None = None  # X-Agent-ID; None: an anonymous request (still gets prefix reuse)
     num_cached_tokens: int = 0  # prompt tokens served from the agent cache
     cache_breakpoint: int = 0  # prompt tokens up to the request's last cache_control mark
     cache_from_disk: bool = False
     num_cache_waits: int = 0
+    grant: Any = None  # ratelimit.Grant charged for this request, settled when it ends
     on_stored: asyncio.Future | None = None  # resolved with its cache entry (or None) once stored
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     admitted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())

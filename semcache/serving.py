@@ -7,6 +7,7 @@ the resulting Sequence's text and `Finished` event back in their own format.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,11 +35,12 @@ class Generation:
     max_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
-    priority: int = 0
+    priority: int = 5
     continue_final: bool = False  # a trailing assistant message is a prefill to continue
     tenant: str = "default"
     agent: str | None = None
     breakpoint: list[ChatMessage] | None = None  # the conversation up to its last cache_control mark
+    rate_key: str = "anonymous"  # whose rate-limit buckets pay for it
 
 
 def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
@@ -54,11 +56,11 @@ def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
 
 
-def parse_priority(header: str | None, body_value: int | None) -> int:
-    """X-Priority header wins over a body `priority`; lower is served first; default 0."""
+def parse_priority(header: str | None, body_value: int | None, default: int) -> int:
+    """X-Priority header wins over a body `priority`; lower is served first."""
     raw: Any = header if header is not None else body_value
     if raw is None:
-        return 0
+        return default
     try:
         value = int(raw)
     except (TypeError, ValueError):
@@ -79,11 +81,13 @@ def failure(finished: Finished) -> ApiError:
 class Service:
     """What handlers need from the layers below, in one place (lives under an AppKey)."""
 
-    def __init__(self, config: Config, engine: Engine, scheduler: Scheduler, cache: AgentCache | None = None):
+    def __init__(self, config: Config, engine: Engine, scheduler: Scheduler, cache: AgentCache | None = None,
+                 limiter: Any = None):
         self.config = config
         self.engine = engine
         self.scheduler = scheduler
         self.cache = cache
+        self.limiter = limiter  # ratelimit.RateLimiter, charged here: a limited request never queues
         self._renderer: PromptRenderer | None = None
 
     @property
@@ -139,6 +143,8 @@ class Service:
             tenant=gen.tenant,
             agent=gen.agent,
         )
+        if self.limiter is not None:
+            seq.grant = self._charge(gen.rate_key, len(prompt_ids) + seq.max_tokens)
         if warm:
             seq.on_stored = asyncio.get_running_loop().create_future()
         if gen.breakpoint:
@@ -151,8 +157,26 @@ class Service:
         except TooLarge as exc:
             raise invalid(str(exc), param="max_tokens") from None
         except BaseException:
-            self.scheduler.abort(seq)
+            self.release(seq)
             raise
         if seq.finished is not None and seq.finished.reason is FinishReason.ABORT:
+            self.release(seq)
             raise failure(seq.finished)  # refused while queued: still a plain HTTP error, not a stream
         return seq
+
+    def release(self, seq: Sequence) -> None:
+        """The handler is done with `seq`: stop it if still running; refund unused tokens."""
+        self.scheduler.abort(seq)
+        if seq.grant is not None:
+            seq.grant.settle(seq.num_prompt_tokens + seq.num_output_tokens)
+
+    def _charge(self, key: str, tokens: int):
+        from semcache.ratelimit import RateLimited
+
+        try:
+            return self.limiter.acquire(key, tokens)
+        except RateLimited as exc:
+            if exc.never:
+                raise invalid(exc.message, param="max_tokens") from None
+            raise ApiError(Kind.RATE_LIMIT, f"rate limit exceeded: {exc.message}",
+                           retry_after=max(1, math.ceil(exc.retry_after))) from None
