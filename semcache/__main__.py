@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
 
-from semcache import __version__
+from semcache import __version__, cli, logs
 from semcache.config import Config, ConfigError, load_config
 
 log = logging.getLogger("semcache")
@@ -26,7 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", dest="cache_dir", help="KV cache folder (default ~/.cache/semcache)")
     serve.add_argument("--config", help="TOML config file (or SEMCACHE_CONFIG)")
     serve.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
+    serve.add_argument("--allow-unauthenticated", dest="allow_unauthenticated", action="store_const", const=True,
+                       help="allow binding a non-loopback address without API keys")
+    cli.add_commands(sub)
     return parser
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_exposure(config: Config) -> str | None:
+    """An error when the daemon would listen beyond this machine with no API keys, unless allowed."""
+    keyed = bool(config.api_keys or config.api_keys_file)
+    if keyed or config.host in LOOPBACK or config.allow_unauthenticated:
+        return None
+    return (f"refusing to listen on {config.host} without API keys: set api_keys / api_keys_file, "
+            "or pass --allow-unauthenticated")
 
 
 async def serve(config: Config) -> int:
@@ -34,7 +50,7 @@ async def serve(config: Config) -> int:
     from aiohttp import web
 
     from semcache.app import BOUND, LOAD_TASK, make_app
-    from semcache.keys import SERVICE
+    from semcache.keys import KEYRING, SERVICE
 
     app = make_app(config)
     app[BOUND] = asyncio.Event()
@@ -49,36 +65,77 @@ async def serve(config: Config) -> int:
         return 1
     bound = [s.getsockname() for s in site._server.sockets if s.family in (socket.AF_INET, socket.AF_INET6)]
     log.info("port bound: %s", ", ".join(f"{a[0]}:{a[1]}" for a in bound))
+    if not app[KEYRING].enabled:
+        log.warning("no API keys configured: anyone who can reach %s:%s can use this daemon", config.host, config.port)
     app[BOUND].set()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop() -> None:
+        if stop.is_set():  # a second signal: no more waiting
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_keys(app))
     stopping = asyncio.create_task(stop.wait())
     load = app[LOAD_TASK]
     await asyncio.wait([stopping, load], return_when=asyncio.FIRST_COMPLETED)
     code = 1 if load.done() and not load.cancelled() and load.exception() else 0
     if code == 0:
         await stopping
+        await drain(app, site, config.drain_timeout)
     log.info("shutting down")
-    app[SERVICE].scheduler.draining = True  # /health/ready turns 503 and new work is refused
-    await runner.cleanup()
+    app[SERVICE].scheduler.draining = True
+    await runner.cleanup()  # the cache writes what is not on disk yet
     return code
+
+
+async def drain(app, site, timeout: float) -> None:
+    """Stop listening at once (a proxy sends new connections elsewhere), refuse queued and new
+    requests (overloaded, Retry-After), let running ones finish for up to `timeout` seconds."""
+    from semcache.keys import SERVICE
+
+    scheduler = app[SERVICE].scheduler
+    scheduler.draining = True
+    site._server.close()  # no new connections; the open ones stay to finish (or be refused)
+    scheduler.refuse_waiting()
+    log.info("draining: %d running, up to %.0f s", scheduler.num_running, timeout)
+    try:
+        await asyncio.wait_for(scheduler.wait_idle(), timeout)
+    except asyncio.TimeoutError:
+        log.warning("drain timeout: ending %d running requests", scheduler.num_running)
+        scheduler.abort_running("the server shut down before the answer was finished")
+        await asyncio.wait_for(scheduler.wait_idle(), 5)
+    await asyncio.sleep(0.05)  # let the handlers write their last bytes
+
+
+def _reload_keys(app) -> None:
+    from semcache.keys import KEYRING
+
+    try:
+        app[KEYRING].reload()
+    except Exception as exc:  # keep serving with the keys we had
+        log.error("API keys not reloaded (the previous keys stay): %s", exc)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":  # client commands: their options are not config keys
+        return cli.run(args)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         config = load_config(args.config, overrides=flags)
     except ConfigError as exc:
         print(f"semcache: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    exposure = check_exposure(config)
+    if exposure:
+        print(f"semcache: {exposure}", file=sys.stderr)
+        return 2
+    logs.setup(config.log_level, config.log_format)
     try:
         import uvloop
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from aiohttp import web
 
-from semcache import agents, anthropic, middleware, openai
+from semcache import admin, agents, anthropic, middleware, openai
 from semcache.blas import BLAS_INFO, INSTALL_HINT, is_slow
 from semcache.config import Config
 from semcache.engine import Engine
@@ -31,8 +32,9 @@ BOUND: web.AppKey[asyncio.Event] = web.AppKey("bound")
 EXPIRE_EVERY = 600.0  # seconds between sweeps for cache entries past their TTL
 
 
-def make_app(config: Config, engine: Engine | None = None) -> web.Application:
-    """The whole HTTP app. Without `engine`, an MLXEngine on `config.model` is loaded after start-up."""
+def make_app(config: Config, engine: Engine | None = None, clock=time.monotonic) -> web.Application:
+    """The whole HTTP app. Without `engine`, an MLXEngine on `config.model` is loaded after start-up.
+    `clock` drives the rate limiter (tests pass a fake one)."""
     app = web.Application(
         client_max_size=config.max_body,
         middlewares=[middleware.request_context, middleware.errors, middleware.auth, middleware.rate_limit],
@@ -40,7 +42,7 @@ def make_app(config: Config, engine: Engine | None = None) -> web.Application:
     app[CONFIG] = config
     app[KEYRING] = KeyRing(config.api_keys, config.api_keys_file)
     rates = RateLimits(config.rate_limit_rpm, config.rate_limit_tpm, config.rate_limit_global_rpm)
-    app[LIMITER] = RateLimiter(rates) if any((rates.rpm, rates.tpm, rates.global_rpm)) else None
+    app[LIMITER] = RateLimiter(rates, clock) if any((rates.rpm, rates.tpm, rates.global_rpm)) else None
     if engine is None:
         from semcache.engine import MLXEngine
 
@@ -72,6 +74,7 @@ def make_app(config: Config, engine: Engine | None = None) -> web.Application:
         web.get("/models", list_models),
         web.get("/metrics", metrics_endpoint),
         *agents.routes(),
+        *admin.routes(),
     ])
     return app
 

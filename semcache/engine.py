@@ -45,6 +45,9 @@ class Engine(Protocol):
         """Drop `release` (returning the KV of those in `keep`), take in `admit` (starting from
         their cached prefix), and advance everything one step."""
 
+    async def swap(self, model_spec: str) -> None:
+        """Replace the model (nothing may be running); on failure the current one stays and it raises."""
+
     async def close(self) -> None:
         """Free the model and stop the engine thread."""
 
@@ -99,6 +102,20 @@ class MLXEngine:
             nbytes=loaded.nbytes,
             fingerprint=loaded.fingerprint,
         )
+
+    async def swap(self, model_spec: str) -> None:
+        """Load another model in place of this one; if that fails, this one stays (and it raises)."""
+        start = time.perf_counter()
+        await self._run(self._swap_sync, model_spec)
+        self.load_seconds = time.perf_counter() - start
+
+    def _swap_sync(self, model_spec: str) -> None:
+        previous, self.model_spec = self.model_spec, model_spec
+        try:
+            self._load_sync()  # assigns nothing until the new model has loaded
+        except BaseException:
+            self.model_spec = previous
+            raise
 
     async def step(self, admit: list[Admission], release: list[int], keep: Collection[int] = ()) -> StepResult:
         return await self._run(self._step, admit, release, keep)

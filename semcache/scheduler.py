@@ -147,6 +147,27 @@ class Scheduler:
             self._num_waiting -= 1
         self._finish(seq, Finished(FinishReason.ABORT), Status.ABORTED)
 
+    def resume(self) -> None:
+        """Admit again after a pause (a model swap)."""
+        self.paused = False
+        self._wake.set()
+
+    def refuse_waiting(self) -> None:
+        """Draining: every queued request ends now (its caller gets an overloaded error)."""
+        self._drain_queue()
+        for _, seq in list(self._waiting):
+            self.abort(seq)
+
+    def abort_running(self, message: str) -> None:
+        """End every running sequence as refused by the server (overloaded, not a server error)."""
+        for seq in list(self._running.values()):
+            self._finish(seq, Finished(FinishReason.ABORT, error=message), Status.ABORTED)
+
+    async def wait_idle(self, poll: float = 0.01) -> None:
+        """Until nothing runs and every finished sequence's cache has been handed over."""
+        while self._running or self._release or self._keep:
+            await asyncio.sleep(poll)
+
     def check_integrity(self) -> None:
         """Assert the bookkeeping invariants (tests call this before every step and when done)."""
         queued = [seq for _, seq in list(self._waiting) + list(self.queue._queue)]  # type: ignore[attr-defined]
@@ -235,7 +256,7 @@ class Scheduler:
         whose cache entry is still loading from disk is passed over (a few times at most)."""
         admitted: list[Admission] = []
         loading: list[tuple[tuple, Sequence]] = []
-        while self._waiting:
+        while self._waiting and not self.paused:
             _, seq = self._waiting[0]
             if seq.is_done:
                 heapq.heappop(self._waiting)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -88,6 +89,7 @@ class Service:
         self.scheduler = scheduler
         self.cache = cache
         self.limiter = limiter  # ratelimit.RateLimiter, charged here: a limited request never queues
+        self._swap = asyncio.Lock()
         self._renderer: PromptRenderer | None = None
 
     @property
@@ -163,6 +165,22 @@ class Service:
             self.release(seq)
             raise failure(seq.finished)  # refused while queued: still a plain HTTP error, not a stream
         return seq
+
+    async def swap_model(self, spec: str) -> float:
+        """Load another model: new requests wait in the queue, running ones finish, then the swap;
+        this model's caches stay on disk under its fingerprint. On failure the old model stays."""
+        async with self._swap:
+            start = time.perf_counter()
+            self.scheduler.paused = True
+            try:
+                await self.scheduler.wait_idle()
+                await self.engine.swap(spec)
+                self._renderer = None
+                if self.cache is not None:
+                    await self.cache.switch(self.engine.info.fingerprint)
+            finally:
+                self.scheduler.resume()
+            return time.perf_counter() - start
 
     def release(self, seq: Sequence) -> None:
         """The handler is done with `seq`: stop it if still running; refund unused tokens."""

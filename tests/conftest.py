@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -86,6 +87,15 @@ class FakeEngine:
             self.active[seq_id] = produced + 1
         return StepResult(out, kept)
 
+    async def swap(self, spec: str) -> None:
+        """Another fake model: fails for "missing", else reports `spec` as its id and fingerprint."""
+        from semcache.errors import ModelLoadError
+
+        await asyncio.sleep(0.01)
+        if spec == "missing":
+            raise ModelLoadError("no model at 'missing'")
+        self.info = replace(self._info, model_id=spec, fingerprint="fp-" + spec)
+
     async def close(self) -> None:
         self.closed = True
 
@@ -148,10 +158,10 @@ def make_client(aiohttp_client, tokenizer, tmp_path):
     """Build an app on a FakeEngine with config overrides and return a ready test client."""
     from semcache.app import make_app
 
-    async def factory(engine=None, **overrides):
+    async def factory(engine=None, clock=None, **overrides):
         engine = engine or FakeEngine(tokenizer)
         overrides.setdefault("cache_dir", str(tmp_path / "cache"))
-        app = make_app(Config(**overrides), engine=engine)
+        app = make_app(Config(**overrides), engine=engine, **({"clock": clock} if clock else {}))
         client = await aiohttp_client(app)
         await wait_ready(app)
         return client

@@ -1,0 +1,255 @@
+"""Operating semcache on a fake engine: keys and tenants, admin, priority, rate limits, metrics,
+logs, model hot-swap, and the start-up exposure check."""
+
+import asyncio
+import json
+import logging
+import shutil
+import subprocess
+
+import anthropic
+import openai
+import pytest
+
+from semcache.__main__ import check_exposure, main
+from semcache.app import make_app
+from semcache.config import Config
+from semcache.logs import JsonFormatter
+from semcache.tenants import KeyRing, parse_keys_file
+from tests.conftest import FakeEngine, serve_in_thread
+
+ANTHROPIC = {"anthropic-version": "2023-06-01"}
+MSG = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
+CHAT = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
+LONG = {"model": "m", "max_tokens": 8, "system": "You are precise and brief. " * 10,
+        "messages": [{"role": "user", "content": "Hi"}]}
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class TestKeys:
+    async def test_missing_or_wrong_key_is_401_in_each_dialect(self, make_client):
+        """With keys: no key or a wrong one is 401 authentication_error, Anthropic or OpenAI shaped."""
+        client = await make_client(api_keys=["sk-good"])
+        r = await client.post("/v1/messages", json=MSG, headers=ANTHROPIC)
+        assert r.status == 401 and (await r.json())["error"]["type"] == "authentication_error"
+        r = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer nope"})
+        body = await r.json()
+        assert r.status == 401 and set(body["error"]) == {"message", "type", "param", "code"}
+        assert (await client.get("/health/ready")).status == 200
+        assert (await client.get("/metrics")).status == 401
+        r = await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "sk-good"})
+        assert r.status == 200
+
+    async def test_metrics_can_be_exempted(self, make_client):
+        """metrics_public = true lets a scraper read /metrics without a key."""
+        client = await make_client(api_keys=["sk-good"], metrics_public=True)
+        assert (await client.get("/metrics")).status == 200
+
+    def test_sdks_raise_authentication_errors(self, tokenizer, tmp_path):
+        """Both official SDKs map our 401 to their AuthenticationError."""
+        config = Config(api_keys=["sk-good"], cache_dir=str(tmp_path))
+        with serve_in_thread(make_app(config, engine=FakeEngine(tokenizer))) as url:
+            with pytest.raises(anthropic.AuthenticationError):
+                anthropic.Anthropic(base_url=url, api_key="bad", max_retries=0).messages.create(
+                    model="m", max_tokens=4, messages=MSG["messages"])
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).chat.completions.create(
+                    model="m", messages=CHAT["messages"])
+
+    def test_keys_file_names_tenants(self):
+        """`tenant:key` lines name the tenant; a bare key is its own; comments and blanks skipped."""
+        keys = parse_keys_file("# team keys\nalpha:k1\nalpha:k2\n\nk3\n", "keys")
+        assert keys == {"k1": "alpha", "k2": "alpha", "k3": "k3"}
+        with pytest.raises(ValueError, match="keys:1"):
+            parse_keys_file(":k", "keys")
+
+    def test_reload_keeps_old_keys_on_error(self, tmp_path):
+        """reload() picks up a rotated key; a broken file leaves the previous keys working."""
+        path = tmp_path / "keys"
+        path.write_text("alpha:old\n")
+        ring = KeyRing([], str(path))
+        assert ring.tenant("old") == "alpha" and ring.tenant("new") is None
+        path.write_text("alpha:new\n")
+        ring.reload()
+        assert ring.tenant("new") == "alpha" and ring.tenant("old") is None
+        path.write_text("alpha:\n")
+        with pytest.raises(ValueError):
+            ring.reload()
+        assert ring.tenant("new") == "alpha"
+
+    async def test_rotated_key_keeps_its_tenants_caches(self, make_client, tmp_path):
+        """Two keys of one tenant share its agent caches; another tenant's key sees none of them."""
+        keys = tmp_path / "keys"
+        keys.write_text("alpha:k-old\nalpha:k-new\nbeta:k-beta\n")
+        client = await make_client(api_keys_file=str(keys), cache_min_prefix=16)
+        h = {**ANTHROPIC, "X-Agent-ID": "a1"}
+        await client.post("/v1/messages", json=LONG, headers={**h, "x-api-key": "k-old"})
+        await asyncio.sleep(0.05)
+        r = await client.post("/v1/messages", json=LONG, headers={**h, "x-api-key": "k-new"})
+        assert (await r.json())["usage"]["cache_read_input_tokens"] > 0
+        r = await client.post("/v1/messages", json=LONG, headers={**h, "x-api-key": "k-beta"})
+        assert (await r.json())["usage"]["cache_read_input_tokens"] == 0
+
+
+class TestAdmin:
+    async def test_admin_routes_are_404_without_an_admin_key(self, make_client):
+        """No admin_key configured: /admin/* does not exist."""
+        client = await make_client()
+        assert (await client.post("/admin/model", json={"model": "x"})).status == 404
+
+    async def test_admin_routes_need_the_admin_key(self, make_client):
+        """With admin_key: a wrong or API key is 401 on /admin/*."""
+        client = await make_client(api_keys=["k"], admin_key="adm")
+        r = await client.post("/admin/model", json={"model": "x"}, headers={"x-api-key": "k"})
+        assert r.status == 401
+
+    async def test_purge_deletes_a_tenants_caches(self, make_client, tmp_path):
+        """DELETE /admin/tenants/{name}/agents removes that tenant's entries from memory and disk."""
+        keys = tmp_path / "keys"
+        keys.write_text("alpha:k1\nbeta:k2\n")
+        client = await make_client(api_keys_file=str(keys), admin_key="adm", cache_min_prefix=16)
+        for key in ("k1", "k2"):
+            await client.post("/v1/messages", json=LONG, headers={**ANTHROPIC, "x-api-key": key, "X-Agent-ID": "a"})
+        await asyncio.sleep(0.05)
+        r = await client.delete("/admin/tenants/alpha/agents", headers={"x-api-key": "adm"})
+        assert r.status == 200 and (await r.json())["deleted"] == 1
+        listed = lambda key: client.get("/v1/agents", headers={"x-api-key": key})  # noqa: E731
+        assert (await (await listed("k1")).json())["data"] == []
+        assert len((await (await listed("k2")).json())["data"]) == 1
+
+    async def test_hot_swap_and_failed_swap(self, make_client):
+        """POST /admin/model swaps and /v1/models reports it; a failing load is a 400 and the old
+        model keeps serving."""
+        client = await make_client(admin_key="adm")
+        admin = {"x-api-key": "adm"}
+        r = await client.post("/admin/model", json={"model": "second-model"}, headers=admin)
+        assert r.status == 200 and (await r.json())["model"] == "second-model"
+        models = await (await client.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == ["second-model"]
+        r = await client.post("/admin/model", json={"model": "missing"}, headers=admin)
+        assert r.status == 400 and "not swapped" in (await r.json())["error"]["message"]
+        assert (await client.post("/v1/messages", json=MSG, headers=ANTHROPIC)).status == 200
+        models = await (await client.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == ["second-model"]
+
+    async def test_swap_waits_for_running_requests(self, make_client, tokenizer):
+        """A request running when the swap starts finishes on the old model; one sent during the swap
+        waits and is answered afterwards."""
+        engine = FakeEngine(tokenizer, step_delay=0.02)
+        client = await make_client(engine, admin_key="adm")
+        running = asyncio.create_task(client.post("/v1/messages", json=MSG, headers=ANTHROPIC))
+        await asyncio.sleep(0.05)
+        swap = asyncio.create_task(client.post("/admin/model", json={"model": "m2"}, headers={"x-api-key": "adm"}))
+        await asyncio.sleep(0.01)
+        later = asyncio.create_task(client.post("/v1/messages", json=MSG, headers=ANTHROPIC))
+        assert (await running).status == 200 and (await swap).status == 200 and (await later).status == 200
+
+
+class TestPriority:
+    async def test_urgent_priority_needs_the_admin_key(self, make_client):
+        """With keys, X-Priority below the default is 403 permission_error unless the admin key is used."""
+        client = await make_client(api_keys=["k"], admin_key="adm")
+        r = await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "k", "X-Priority": "1"})
+        assert r.status == 403 and (await r.json())["error"]["type"] == "permission_error"
+        r = await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "k", "X-Priority": "7"})
+        assert r.status == 200
+        r = await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "adm", "X-Priority": "0"})
+        assert r.status == 200
+
+
+class TestRateLimits:
+    async def test_429_with_headers_then_recovery(self, make_client):
+        """After rpm requests a key gets 429 rate_limit_error with Retry-After and both dialects'
+        rate-limit headers; once the bucket refills (fake clock) it is served again."""
+        clock = FakeClock()
+        client = await make_client(clock=clock, api_keys=["k"], rate_limit_rpm=3)
+        h = {**ANTHROPIC, "x-api-key": "k"}
+        for _ in range(3):
+            r = await client.post("/v1/messages", json=MSG, headers=h)
+            assert r.status == 200 and "anthropic-ratelimit-requests-remaining" in r.headers
+        r = await client.post("/v1/messages", json=MSG, headers=h)
+        assert r.status == 429 and (await r.json())["error"]["type"] == "rate_limit_error"
+        assert int(r.headers["Retry-After"]) >= 1 and "retry-after-ms" in r.headers
+        r = await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "k"})
+        assert r.status == 429 and r.headers["x-ratelimit-limit-requests"] == "3"
+        clock.now += 20  # one request's worth (3 per minute)
+        assert (await client.post("/v1/messages", json=MSG, headers=h)).status == 200
+
+    async def test_token_budget_is_charged_up_front_and_refunded(self, make_client):
+        """tpm: prompt + max_tokens is charged before queueing and refunded to actual use; a request
+        that could never fit the budget is a 400."""
+        clock = FakeClock()
+        client = await make_client(clock=clock, rate_limit_tpm=300)
+        r = await client.post("/v1/messages", json={**MSG, "max_tokens": 250}, headers=ANTHROPIC)
+        assert r.status == 200
+        remaining = int(r.headers["anthropic-ratelimit-tokens-remaining"])
+        assert remaining > 300 - 250  # refunded: the fake reply is 11 tokens
+        r = await client.post("/v1/messages", json={**MSG, "max_tokens": 1000}, headers=ANTHROPIC)
+        assert r.status == 400
+
+    async def test_health_is_never_limited(self, make_client):
+        """/health/* is exempt from rate limits."""
+        client = await make_client(clock=FakeClock(), rate_limit_rpm=1)
+        for _ in range(5):
+            assert (await client.get("/health/ready")).status == 200
+
+
+class TestMetricsAndLogs:
+    async def test_metrics_move(self, make_client):
+        """Request counts by route and status, TTFT, tokens and queue gauges change as requests run."""
+        client = await make_client(api_keys=["k"])
+        await client.post("/v1/messages", json=MSG, headers=ANTHROPIC)  # 401, counted too
+        await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "k"})
+        text = await (await client.get("/metrics", headers={"x-api-key": "k"})).text()
+        assert 'semcache_requests_total{route="/v1/messages",status="401"} 1.0' in text
+        assert 'semcache_requests_total{route="/v1/messages",status="200"} 1.0' in text
+        assert "semcache_time_to_first_token_seconds_count 1.0" in text
+        assert "semcache_generated_tokens_total 8.0" in text  # max_tokens 8
+        for name in ("semcache_queue_depth", "semcache_active_sequences", "semcache_step_duration_seconds_count",
+                     "semcache_process_max_resident_memory_bytes", "semcache_cache_bytes"):
+            assert name in text
+
+    @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
+    async def test_promtool_accepts_the_metrics(self, make_client):
+        """promtool check metrics finds no problems in /metrics."""
+        client = await make_client()
+        await client.post("/v1/messages", json=MSG, headers=ANTHROPIC)
+        text = await (await client.get("/metrics")).text()
+        out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    async def test_access_line_has_fields_and_no_prompt(self, make_client, caplog):
+        """One access record per request with id, route, status, tokens, cache result and TTFT; the
+        prompt text is not in it."""
+        client = await make_client()
+        with caplog.at_level(logging.INFO, logger="semcache.access"):
+            r = await client.post("/v1/messages", json={**MSG, "messages": [{"role": "user", "content": "SECRET"}]},
+                                  headers=ANTHROPIC)
+        record = next(rec for rec in caplog.records if rec.name == "semcache.access")
+        fields = record.fields
+        assert fields["request_id"] == r.headers["request-id"] and fields["status"] == 200
+        assert fields["route"] == "/v1/messages" and fields["output_tokens"] == 8
+        assert fields["cache"] == "miss" and fields["ttft_ms"] is not None
+        line = JsonFormatter().format(record)
+        assert json.loads(line)["request_id"] == fields["request_id"] and "SECRET" not in line
+
+
+class TestExposure:
+    def test_non_loopback_without_keys_needs_the_flag(self):
+        """Listening beyond loopback with no keys is refused unless allow_unauthenticated is set."""
+        assert check_exposure(Config()) is None
+        assert "without API keys" in check_exposure(Config(host="0.0.0.0"))
+        assert check_exposure(Config(host="0.0.0.0", api_keys=["k"])) is None
+        assert check_exposure(Config(host="0.0.0.0", allow_unauthenticated=True)) is None
+
+    def test_serve_exits_2_when_exposed(self, capsys):
+        """`semcache serve --host 0.0.0.0` without keys exits 2 and says why."""
+        assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+        assert "--allow-unauthenticated" in capsys.readouterr().err
