@@ -1,6 +1,7 @@
 """python -m perf serving --out report.json [--runs 3] [--max-tokens 64] [--no-peer]
 python -m perf agents --out report.json [--agents 12] [--budget 256MiB] [--runs 3]
-python -m perf quant --out report.json [--prompts 10]"""
+python -m perf quant --out report.json [--prompts 10]
+python -m perf swap --out report.json [--runs 3]"""
 
 import argparse
 import json
@@ -24,8 +25,15 @@ def main() -> None:
     quant = sub.add_parser("quant", help="effect of int8/int4 KV on disk on greedy answers")
     quant.add_argument("--out", type=Path, default=Path("perf-quant.json"))
     quant.add_argument("--prompts", type=int, default=10)
+    swap = sub.add_parser("swap", help="model hot-swap time on an idle daemon")
+    swap.add_argument("--out", type=Path, default=Path("perf-swap.json"))
+    swap.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    if args.command == "quant":
+    if args.command == "swap":
+        from perf import swap as bench
+
+        report = bench.run(args.out, runs=args.runs)
+    elif args.command == "quant":
         from perf import quant as bench
 
         report = bench.run(args.out, prompts=args.prompts)

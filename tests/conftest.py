@@ -94,7 +94,8 @@ class FakeEngine:
         await asyncio.sleep(0.01)
         if spec == "missing":
             raise ModelLoadError("no model at 'missing'")
-        self.info = replace(self._info, model_id=spec, fingerprint="fp-" + spec)
+        original = spec == self._info.model_id
+        self.info = self._info if original else replace(self._info, model_id=spec, fingerprint="fp-" + spec)
 
     async def close(self) -> None:
         self.closed = True

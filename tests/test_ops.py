@@ -139,6 +139,20 @@ class TestAdmin:
         models = await (await client.get("/v1/models")).json()
         assert [m["id"] for m in models["data"]] == ["second-model"]
 
+    async def test_swap_keeps_each_models_caches_apart(self, make_client):
+        """After a swap the old model's entries are not served (nor lost): they are on disk under its
+        fingerprint and serve again when it returns."""
+        client = await make_client(admin_key="adm", cache_min_prefix=16)
+        admin, h = {"x-api-key": "adm"}, {**ANTHROPIC, "X-Agent-ID": "a"}
+        await client.post("/v1/messages", json=LONG, headers=h)
+        await asyncio.sleep(0.05)
+        assert (await client.post("/admin/model", json={"model": "other"}, headers=admin)).status == 200
+        r = await client.post("/v1/messages", json=LONG, headers=h)
+        assert (await r.json())["usage"]["cache_read_input_tokens"] == 0
+        assert (await client.post("/admin/model", json={"model": "fake-model"}, headers=admin)).status == 200
+        r = await client.post("/v1/messages", json=LONG, headers=h)
+        assert (await r.json())["usage"]["cache_read_input_tokens"] > 0
+
     async def test_swap_waits_for_running_requests(self, make_client, tokenizer):
         """A request running when the swap starts finishes on the old model; one sent during the swap
         waits and is answered afterwards."""
