@@ -261,6 +261,9 @@ class Scheduler:
             if seq.is_done:
                 heapq.heappop(self._waiting)
                 continue
+            if seq.fingerprint is not None and seq.fingerprint != self.engine.info.fingerprint:
+                self.abort(seq)  # tokenized for a model that was swapped out while it waited
+                continue
             need = self.kv_need(seq)
             if len(self._running) >= self.limits.max_active or self._kv_reserved + need > self.limits.kv_budget:
                 break

@@ -78,6 +78,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     tenant: str = "default"
+    fingerprint: str | None = None  # the model its prompt was tokenized for
     agent: str | None = None  # X-Agent-ID; None: an anonymous request (still gets prefix reuse)
     num_cached_tokens: int = 0  # prompt tokens served from the agent cache
     cache_breakpoint: int = 0  # prompt tokens up to the request's last cache_control mark

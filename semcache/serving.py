@@ -90,6 +90,8 @@ class Service:
         self.cache = cache
         self.limiter = limiter  # ratelimit.RateLimiter, charged here: a limited request never queues
         self._swap = asyncio.Lock()
+        self._not_swapping = asyncio.Event()  # cleared during a model swap: new prompts wait for it
+        self._not_swapping.set()
         self._renderer: PromptRenderer | None = None
 
     @property
@@ -128,6 +130,7 @@ class Service:
     async def start(self, gen: Generation, warm: bool = False) -> Sequence:
         """Queue the generation and wait for its slot; the caller must abort the Sequence when done.
         With `warm`, only prefill the conversation (no assistant turn opened) for the agent cache."""
+        await self._not_swapping.wait()  # tokenize with the model that will run it
         prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm)
         context = self.engine.info.context_length
         if len(prompt_ids) >= context:
@@ -144,6 +147,7 @@ class Service:
             priority=gen.priority,
             tenant=gen.tenant,
             agent=gen.agent,
+            fingerprint=self.engine.info.fingerprint,
         )
         if self.limiter is not None:
             seq.grant = self._charge(gen.rate_key, len(prompt_ids) + seq.max_tokens)
@@ -172,6 +176,7 @@ class Service:
         async with self._swap:
             start = time.perf_counter()
             self.scheduler.paused = True
+            self._not_swapping.clear()
             try:
                 await self.scheduler.wait_idle()
                 await self.engine.swap(spec)
@@ -179,6 +184,7 @@ class Service:
                 if self.cache is not None:
                     await self.cache.switch(self.engine.info.fingerprint)
             finally:
+                self._not_swapping.set()
                 self.scheduler.resume()
             return time.perf_counter() - start
 

@@ -153,6 +153,20 @@ class TestAdmin:
         r = await client.post("/v1/messages", json=LONG, headers=h)
         assert (await r.json())["usage"]["cache_read_input_tokens"] > 0
 
+    async def test_request_queued_for_the_old_model_is_refused_after_a_swap(self, make_client, tokenizer):
+        """A prompt tokenized for the old model and still queued when it is swapped out is refused
+        (retryable overloaded), never run on the new model with the old tokenizer's ids."""
+        engine = FakeEngine(tokenizer, step_delay=0.02)
+        client = await make_client(engine, admin_key="adm", max_active=1)
+        running = asyncio.create_task(client.post("/v1/messages", json=MSG, headers=ANTHROPIC))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(client.post("/v1/messages", json=MSG, headers=ANTHROPIC))
+        await asyncio.sleep(0.02)
+        swap = await client.post("/admin/model", json={"model": "m3"}, headers={"x-api-key": "adm"})
+        assert swap.status == 200 and (await running).status == 200
+        r = await queued
+        assert r.status == 529 and "Retry-After" in r.headers
+
     async def test_swap_waits_for_running_requests(self, make_client, tokenizer):
         """A request running when the swap starts finishes on the old model; one sent during the swap
         waits and is answered afterwards."""
