@@ -96,7 +96,7 @@ async def serve(config: Config) -> int:
 async def drain(app, site, timeout: float) -> None:
     """Stop listening at once (a proxy sends new connections elsewhere), refuse queued and new
     requests (overloaded, Retry-After), let running ones finish for up to `timeout` seconds."""
-    from semcache.keys import SERVICE
+    from semcache.keys import INFLIGHT, SERVICE
 
     scheduler = app[SERVICE].scheduler
     scheduler.draining = True
@@ -109,7 +109,13 @@ async def drain(app, site, timeout: float) -> None:
         log.warning("drain timeout: ending %d running requests", scheduler.num_running)
         scheduler.abort_running("the server shut down before the answer was finished")
         await asyncio.wait_for(scheduler.wait_idle(), 5)
-    await asyncio.sleep(0.05)  # let the handlers write their last bytes
+    deadline = loop_time() + 5
+    while app[INFLIGHT].count and loop_time() < deadline:  # let the handlers write their last bytes
+        await asyncio.sleep(0.01)
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _reload_keys(app) -> None:

@@ -14,7 +14,7 @@ from semcache.blas import BLAS_INFO, INSTALL_HINT, is_slow
 from semcache.config import Config
 from semcache.engine import Engine
 from semcache.errors import ApiError, Kind
-from semcache.keys import CONFIG, KEYRING, LIMITER, METRICS, SERVICE
+from semcache.keys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS, SERVICE
 from semcache.ratelimit import RateLimiter, RateLimits
 from semcache.tenants import KeyRing
 from semcache.kvcache import AgentCache, CacheLimits
@@ -40,6 +40,7 @@ def make_app(config: Config, engine: Engine | None = None, clock=time.monotonic)
         middlewares=[middleware.request_context, middleware.errors, middleware.auth, middleware.rate_limit],
     )
     app[CONFIG] = config
+    app[INFLIGHT] = middleware.Inflight()
     app[KEYRING] = KeyRing(config.api_keys, config.api_keys_file)
     rates = RateLimits(config.rate_limit_rpm, config.rate_limit_tpm, config.rate_limit_global_rpm)
     app[LIMITER] = RateLimiter(rates, clock) if any((rates.rpm, rates.tpm, rates.global_rpm)) else None

@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from semcache.config import Config
     from semcache.metrics import Metrics
+    from semcache.middleware import Inflight
     from semcache.ratelimit import RateLimiter
     from semcache.tenants import KeyRing
     from semcache.serving import Service
@@ -18,3 +19,5 @@ SERVICE: web.AppKey["Service"] = web.AppKey("service")
 METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
 KEYRING: web.AppKey["KeyRing"] = web.AppKey("keyring")
 LIMITER: web.AppKey["RateLimiter | None"] = web.AppKey("limiter")
+# Requests being handled (a drain waits for their last bytes before the server shuts down).
+INFLIGHT: web.AppKey["Inflight"] = web.AppKey("inflight")

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from semcache.errors import ApiError, Kind, anthropic_body, openai_body, status_for
 from semcache.identity import ADMIN, ANONYMOUS, KEY, TENANT, USAGE
-from semcache.keys import CONFIG, KEYRING, LIMITER, METRICS
+from semcache.keys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS
 from semcache.ratelimit import Grant, RateLimited, RateLimiter, anthropic_headers, openai_headers
 from semcache.tenants import key_id, tenant_id
 
@@ -54,6 +54,12 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
     return response
 
 
+class Inflight:
+    """How many requests are being handled (a drain waits for their last bytes)."""
+
+    count = 0
+
+
 @web.middleware
 async def request_context(request: web.Request, handler):
     """Outermost: a request id for every response (set at prepare, so SSE streams get it), the
@@ -61,6 +67,8 @@ async def request_context(request: web.Request, handler):
     request[REQUEST_ID] = "req_" + secrets.token_hex(12)
     start = time.perf_counter()
     status = 499  # the client went away before an answer
+    inflight = request.app[INFLIGHT]
+    inflight.count += 1
     try:
         response = await handler(request)
         status = response.status
@@ -69,6 +77,7 @@ async def request_context(request: web.Request, handler):
         status = exc.status
         raise
     finally:
+        inflight.count -= 1
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         request.app[METRICS].requests.labels(route, str(status)).inc()

@@ -77,6 +77,7 @@ class Scheduler:
         self._release: list[int] = []
         self._keep: dict[int, Sequence] = {}  # released sequences whose KV goes to the agent cache
         self._wake = asyncio.Event()  # a request arrived, or a cache entry finished loading
+        self._stepping = False  # an engine step is in flight (its results not yet handed out)
         self._kv_reserved = 0
         self.num_steps = 0
 
@@ -165,7 +166,7 @@ class Scheduler:
 
     async def wait_idle(self, poll: float = 0.01) -> None:
         """Until nothing runs and every finished sequence's cache has been handed over."""
-        while self._running or self._release or self._keep:
+        while self._running or self._release or self._keep or self._stepping:
             await asyncio.sleep(poll)
 
     def check_integrity(self) -> None:
@@ -197,12 +198,15 @@ class Scheduler:
                 continue
             keep, self._keep = self._keep, {}
             started = time.perf_counter()
+            self._stepping = True
             try:
                 tokens, kept = await self.engine.step(admit, release, list(keep))
             except Exception as exc:  # an engine failure ends the sequences it touched, not the loop
                 log.exception("engine step failed")
                 self._fail_running(f"engine error: {exc}")
                 tokens, kept = {}, {}
+            finally:
+                self._stepping = False
             self._store(keep, kept)
             self.num_steps += 1
             m = self.metrics

@@ -37,6 +37,58 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise TimeoutError("daemon not ready")
 
 
+def start(tmp_path, **env) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {**os.environ, "SEMCACHE_CACHE_MIN_PREFIX": "4", **env}
+    proc = subprocess.Popen([sys.executable, "-m", "semcache", "serve", "--port", str(port),
+                             "--cache-dir", str(tmp_path / "cache")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"))
+    wait_ready(port, proc)
+    return proc, port
+
+
+def open_stream(port: int, max_tokens: int):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/messages", body=json.dumps({**BODY, "max_tokens": max_tokens}), headers=HEADERS)
+    response = conn.getresponse()
+    assert response.status == 200
+    while b"content_block_delta" not in response.readline():
+        pass
+    return response
+
+
+def test_drain_timeout_ends_running_streams_as_overloaded(tmp_path):
+    """A stream still running when drain_timeout passes ends with an overloaded_error event; exit 0."""
+    proc, port = start(tmp_path, SEMCACHE_DRAIN_TIMEOUT="1")
+    try:
+        response = open_stream(port, 400)
+        proc.send_signal(signal.SIGTERM)
+        rest = response.read().decode()
+        assert "event: error" in rest and "overloaded_error" in rest and "message_stop" not in rest
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    """SIGTERM starts a drain; a second SIGTERM ends the process immediately (exit 1)."""
+    proc, port = start(tmp_path, SEMCACHE_DRAIN_TIMEOUT="60")
+    try:
+        response = open_stream(port, 400)  # keep it open: a closed client would end the drain early
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 1 and time.monotonic() - started < 5
+        response.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_sigterm_drains(tmp_path):
     """In-flight stream completes after SIGTERM; a new request on an open connection gets 529 with
     Retry-After; new connections are refused; exit 0; the finished request's cache is on disk."""
