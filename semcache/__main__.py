@@ -101,14 +101,17 @@ async def drain(app, site, timeout: float) -> None:
     scheduler = app[SERVICE].scheduler
     scheduler.draining = True
     site._server.close()  # no new connections; the open ones stay to finish (or be refused)
-    scheduler.refuse_waiting()
+    scheduler.refuse_waiting("the server is shutting down")
     log.info("draining: %d running, up to %.0f s", scheduler.num_running, timeout)
     try:
         await asyncio.wait_for(scheduler.wait_idle(), timeout)
     except asyncio.TimeoutError:
         log.warning("drain timeout: ending %d running requests", scheduler.num_running)
         scheduler.abort_running("the server shut down before the answer was finished")
-        await asyncio.wait_for(scheduler.wait_idle(), 5)
+        try:
+            await asyncio.wait_for(scheduler.wait_idle(), 5)
+        except asyncio.TimeoutError:  # a step that will not end: shut down around it
+            log.error("the engine step did not finish; shutting down anyway")
     deadline = loop_time() + 5
     while app[INFLIGHT].count and loop_time() < deadline:  # let the handlers write their last bytes
         await asyncio.sleep(0.01)
@@ -136,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides=flags)
     except ConfigError as exc:
         print(f"semcache: {exc}", file=sys.stderr)
+        return 2
+    if config.api_keys_file and not os.access(os.path.expanduser(config.api_keys_file), os.R_OK):
+        print(f"semcache: api_keys_file {config.api_keys_file} cannot be read", file=sys.stderr)
         return 2
     exposure = check_exposure(config)
     if exposure:

@@ -130,6 +130,7 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
         raise
     info = engine.info
     app[METRICS].model_load_seconds.set(getattr(engine, "load_seconds", 0.0) or 0.0)
+    app[METRICS].sample_process()
     log.info(
         "model loaded in %.1f s: %s (%s, %.0f MB, %s on %s, context %d)",
         getattr(engine, "load_seconds", 0.0) or 0.0, info.model_id, info.path,

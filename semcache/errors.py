@@ -16,6 +16,7 @@ class Kind(enum.Enum):
     TOO_LARGE = 413
     RATE_LIMIT = 429
     INTERNAL = 500
+    UNAVAILABLE = 503  # the process is going away (draining): retry elsewhere or later
     OVERLOADED = 529
 
 
@@ -60,6 +61,7 @@ ANTHROPIC_TYPES = {
     Kind.TOO_LARGE: "request_too_large",
     Kind.RATE_LIMIT: "rate_limit_error",
     Kind.INTERNAL: "api_error",
+    Kind.UNAVAILABLE: "overloaded_error",
     Kind.OVERLOADED: "overloaded_error",
 }
 
@@ -72,6 +74,7 @@ OPENAI_TYPES = {
     Kind.TOO_LARGE: ("invalid_request_error", "request_too_large"),
     Kind.RATE_LIMIT: ("rate_limit_error", "rate_limit_exceeded"),
     Kind.INTERNAL: ("server_error", None),
+    Kind.UNAVAILABLE: ("server_error", "service_unavailable"),
     Kind.OVERLOADED: ("server_error", "overloaded"),
 }
 

@@ -7,6 +7,7 @@ import re
 from aiohttp import web
 
 from semcache.errors import ApiError, Kind, invalid
+from semcache.keys import CONFIG
 from semcache.kvcache import ANON
 from semcache.serving import parse_priority
 
@@ -46,10 +47,11 @@ def identity(request: web.Request) -> tuple[str, str | None]:
 
 
 def priority(request: web.Request, body_value: int | None) -> int:
-    """X-Priority (or the body's `priority`), 0-9; with API keys on, values below the default
-    need the admin key, so no tenant can jump the queue."""
+    """X-Priority (or the body's `priority`), 0-9; with API keys or an admin key configured, values
+    below the default need the admin key, so no tenant can jump the queue."""
     value = parse_priority(request.headers.get("X-Priority"), body_value, DEFAULT_PRIORITY)
-    if value < DEFAULT_PRIORITY and request.get(KEY) is not None and not request.get(ADMIN):
+    guarded = request.get(KEY) is not None or bool(request.app[CONFIG].admin_key)
+    if value < DEFAULT_PRIORITY and guarded and not request.get(ADMIN):
         raise ApiError(Kind.PERMISSION, f"priorities below {DEFAULT_PRIORITY} need the admin key (got {value})")
     return value
 

@@ -22,6 +22,7 @@ log = logging.getLogger("semcache.http")
 access = logging.getLogger("semcache.access")
 
 REQUEST_ID = "request_id"
+ADMIN_TENANT = "\x00admin"  # no keys-file tenant can be named this (names are single text lines)
 GENERATION_PATHS = frozenset({"/v1/messages", "/v1/chat/completions", "/chat/completions"})
 _HTTP_KINDS = {
     401: Kind.AUTHENTICATION,
@@ -85,7 +86,8 @@ async def request_context(request: web.Request, handler):
             seconds = time.perf_counter() - start
             fields = {"request_id": request[REQUEST_ID], "method": request.method, "route": route,
                       "status": status, "duration_ms": round(seconds * 1000, 1), **request.get(USAGE, {})}
-            access.info("%s %s %s %.1fms %s", request.method, request.path, status, seconds * 1000,
+            # the route template, not the path: a path may hold a tenant name that is a key
+            access.info("%s %s %s %.1fms %s", request.method, route, status, seconds * 1000,
                         request[REQUEST_ID], extra={"fields": fields})
 
 
@@ -191,7 +193,7 @@ async def auth(request: web.Request, handler):
         return await handler(request)
     if given is None:
         raise ApiError(Kind.AUTHENTICATION, "missing API key: send x-api-key or Authorization: Bearer")
-    tenant = "admin" if admin else keys.tenant(given)
+    tenant = ADMIN_TENANT if admin else keys.tenant(given)
     if tenant is None:
         raise ApiError(Kind.AUTHENTICATION, "invalid API key")
     request[TENANT] = tenant_id(tenant)  # cache entries are scoped to the tenant

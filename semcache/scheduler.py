@@ -29,9 +29,10 @@ MAX_CACHE_WAITS = 50
 class Overloaded(Exception):
     """Capacity refused the request; retry after `retry_after` seconds."""
 
-    def __init__(self, message: str, retry_after: int):
+    def __init__(self, message: str, retry_after: int, unavailable: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
+        self.unavailable = unavailable  # the daemon is shutting down, not just busy
 
 
 class TooLarge(ValueError):
@@ -115,9 +116,10 @@ class Scheduler:
 
     def submit(self, seq: Sequence) -> None:
         """Queue `seq` or raise Overloaded at once; never blocks."""
-        if not self.ready or self.draining:
-            reason = "the model is still loading" if not self.ready else "the server is shutting down"
-            raise Overloaded(reason, 2 if not self.ready else 5)
+        if self.draining:
+            raise Overloaded("the server is shutting down", 5, unavailable=True)
+        if not self.ready:
+            raise Overloaded("the model is still loading", 2)
         if self.queue_full:
             raise Overloaded(f"the queue is full ({self.limits.max_queue} waiting)", self.retry_after())
         self.check_fits(seq)
@@ -146,6 +148,7 @@ class Scheduler:
             return
         if seq.status is Status.WAITING:
             self._num_waiting -= 1
+            self.metrics.queue_depth.set(self._num_waiting)
         self._finish(seq, Finished(FinishReason.ABORT), Status.ABORTED)
 
     def resume(self) -> None:
@@ -153,11 +156,14 @@ class Scheduler:
         self.paused = False
         self._wake.set()
 
-    def refuse_waiting(self) -> None:
-        """Draining: every queued request ends now (its caller gets an overloaded error)."""
+    def refuse_waiting(self, message: str) -> None:
+        """Draining: every queued request ends now (its caller gets a 503 with Retry-After)."""
         self._drain_queue()
         for _, seq in list(self._waiting):
-            self.abort(seq)
+            if not seq.is_done:
+                self._num_waiting -= 1
+                self._finish(seq, Finished(FinishReason.ABORT, error=message), Status.ABORTED)
+        self.metrics.queue_depth.set(self._num_waiting)
 
     def abort_running(self, message: str) -> None:
         """End every running sequence as refused by the server (overloaded, not a server error)."""

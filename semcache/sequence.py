@@ -12,6 +12,7 @@ _ids = itertools.count(1)
 
 
 class Status(enum.Enum):
+    NEW = "new"  # made, not submitted (or refused at submit)
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -70,7 +71,7 @@ class Sequence:
     stop: tuple[str, ...] = ()
     priority: int = 0
     seq_id: int = field(default_factory=lambda: next(_ids))
-    status: Status = Status.WAITING
+    status: Status = Status.NEW
     output_ids: list[int] = field(default_factory=list)
     finished: Finished | None = None
     arrival: float = 0.0

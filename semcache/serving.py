@@ -73,7 +73,10 @@ def parse_priority(header: str | None, body_value: int | None, default: int) -> 
 
 
 def failure(finished: Finished) -> ApiError:
-    """The API error for a sequence that ended without an answer (aborted by the server, or failed)."""
+    """The API error for a sequence that ended without an answer (aborted by the server, or failed).
+    An abort with a message is the daemon shutting down: 503 in both dialects."""
+    if finished.reason is FinishReason.ABORT and finished.error:
+        return ApiError(Kind.UNAVAILABLE, finished.error, retry_after=5)
     if finished.reason is FinishReason.ABORT:
         return ApiError(Kind.OVERLOADED, "the request was cancelled by the server", retry_after=5)
     return ApiError(Kind.INTERNAL, finished.error or "generation failed")
@@ -158,12 +161,13 @@ class Service:
         try:
             self.scheduler.submit(seq)
             await self.scheduler.wait_admitted(seq)
-        except Overloaded as exc:
-            raise ApiError(Kind.OVERLOADED, f"overloaded: {exc}", retry_after=exc.retry_after) from None
-        except TooLarge as exc:
-            raise invalid(str(exc), param="max_tokens") from None
-        except BaseException:
-            self.release(seq)
+        except BaseException as exc:
+            self.release(seq)  # refused: nothing was used, the rate-limit charge comes back
+            if isinstance(exc, Overloaded):
+                kind = Kind.UNAVAILABLE if exc.unavailable else Kind.OVERLOADED
+                raise ApiError(kind, f"overloaded: {exc}", retry_after=exc.retry_after) from None
+            if isinstance(exc, TooLarge):
+                raise invalid(str(exc), param="max_tokens") from None
             raise
         if seq.finished is not None and seq.finished.reason is FinishReason.ABORT:
             self.release(seq)
@@ -173,6 +177,8 @@ class Service:
     async def swap_model(self, spec: str) -> float:
         """Load another model: new requests wait in the queue, running ones finish, then the swap;
         this model's caches stay on disk under its fingerprint. On failure the old model stays."""
+        if self.scheduler.draining:
+            raise ApiError(Kind.UNAVAILABLE, "the server is shutting down", retry_after=5)
         async with self._swap:
             start = time.perf_counter()
             self.scheduler.paused = True
@@ -191,8 +197,9 @@ class Service:
     def release(self, seq: Sequence) -> None:
         """The handler is done with `seq`: stop it if still running; refund unused tokens."""
         self.scheduler.abort(seq)
-        if seq.grant is not None:
-            seq.grant.settle(seq.num_prompt_tokens + seq.num_output_tokens)
+        if seq.grant is not None:  # a request that never ran used nothing
+            ran = seq.admitted_at is not None
+            seq.grant.settle(seq.num_prompt_tokens + seq.num_output_tokens if ran else 0)
 
     def _charge(self, key: str, tokens: int):
         from semcache.ratelimit import RateLimited

@@ -191,6 +191,13 @@ class TestPriority:
         r = await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "adm", "X-Priority": "0"})
         assert r.status == 200
 
+    async def test_admin_key_alone_guards_urgent_priorities(self, make_client):
+        """With an admin key but no API keys, X-Priority below the default still needs the admin key."""
+        client = await make_client(admin_key="adm")
+        r = await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "X-Priority": "0"})
+        assert r.status == 403
+        assert (await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "X-Priority": "9"})).status == 200
+
 
 class TestRateLimits:
     async def test_429_with_headers_then_recovery(self, make_client):
@@ -221,6 +228,27 @@ class TestRateLimits:
         assert remaining > 300 - 250  # refunded: the fake reply is 11 tokens
         r = await client.post("/v1/messages", json={**MSG, "max_tokens": 1000}, headers=ANTHROPIC)
         assert r.status == 400
+
+    async def test_refused_requests_get_their_tokens_back(self, make_client):
+        """A request refused before it runs (here: too large for kv_budget) costs no tokens."""
+        clock = FakeClock()
+        client = await make_client(clock=clock, rate_limit_tpm=5000, kv_budget=60_000)  # 1000 bytes/token
+        for _ in range(3):
+            r = await client.post("/v1/messages", json={**MSG, "max_tokens": 200}, headers=ANTHROPIC)
+            assert r.status == 400 and "kv_budget" in (await r.json())["error"]["message"]
+        assert int(r.headers["anthropic-ratelimit-tokens-remaining"]) == 5000
+
+    async def test_draining_refuses_with_503_in_both_dialects(self, make_client):
+        """While draining, new requests get 503 with Retry-After, Anthropic and OpenAI alike."""
+        from semcache.keys import SERVICE
+
+        client = await make_client()
+        client.app[SERVICE].scheduler.draining = True
+        r = await client.post("/v1/messages", json=MSG, headers=ANTHROPIC)
+        assert r.status == 503 and r.headers["Retry-After"] and (await r.json())["error"]["type"] == "overloaded_error"
+        r = await client.post("/v1/chat/completions", json=CHAT)
+        assert r.status == 503 and r.headers["Retry-After"]
+        assert (await client.get("/health/ready")).status == 503
 
     async def test_health_is_never_limited(self, make_client):
         """/health/* is exempt from rate limits."""
