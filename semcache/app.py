@@ -103,9 +103,11 @@ async def _engine_lifecycle(app: web.Application):
         await task
     except (asyncio.CancelledError, Exception):
         pass
-    if service.cache is not None:
-        await service.cache.close()  # memory entries not yet on disk are written now
-    await service.engine.close()
+    try:
+        if service.cache is not None:
+            await service.cache.close()  # memory entries not yet on disk are written now
+    finally:
+        await service.engine.close()
 
 
 async def _load_and_run(app: web.Application, service: Service) -> None:

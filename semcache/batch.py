@@ -97,10 +97,11 @@ def _to_mx(a: np.ndarray, dtype: str) -> mx.array:
 
 
 def _to_np(a: mx.array) -> np.ndarray:
-    """One copy out of the batch's buffers; numpy then views the new MLX array without copying."""
+    """A numpy-owned copy: stored entries hold no MLX memory, so they outlive MLX safely (a numpy
+    view of MLX buffers still alive at interpreter exit aborted the process once)."""
     a = mx.contiguous(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
     mx.eval(a)
-    return np.asarray(a)
+    return np.array(a, copy=True)
 
 
 def _snapshot(cache: list[Any], row: int) -> KVData:
