@@ -17,104 +17,23 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from prometheus_async.aio import time as timed
 
 from semcache import store
 from semcache.kvdata import KVData
+from semcache.kvdisk import DiskTier
+from semcache.kventry import ANON, MISS, CacheLimits, Entry, Match, _preferred, common_prefix
 from semcache.metrics import Metrics
 from semcache.trie import TokenTrie
 
+__all__ = ["ANON", "MISS", "AgentCache", "CacheLimits", "Entry", "Match", "common_prefix"]
 log = logging.getLogger("semcache.cache")
-ANON = "anon-"
 
 
-@dataclass(frozen=True)
-class CacheLimits:
-    enabled: bool = True
-    memory_budget: int = 2 << 30
-    disk_budget: int = 20 << 30
-    ttl: float = 7 * 86400.0
-    min_prefix: int = 64
-    encoding: str = "native"  # on disk: native (lossless), int8, int4
-    write_through: bool = True  # write every new entry soon, so a crash loses little
-
-
-@dataclass(eq=False)
-class Entry:
-    key: str
-    tenant: str
-    agent: str  # the agent id, or anon-<key> for requests that named none
-    named: bool
-    tokens: np.ndarray  # int32 token ids the KV covers
-    dtype: str
-    created: float
-    last_use: float
-    data: KVData | None = None  # resident in memory
-    pending: KVData | None = None  # spilled: held only until its file is written
-    path: Path | None = None
-    file_bytes: int = 0
-    dirty: bool = False  # the data is not on disk yet
-    writing: asyncio.Task | None = None
-    loading: asyncio.Task | None = None
-    removed: bool = False
-    # Files of the entries this one replaced: deleted only once this one is on disk, so a crash in
-    # between leaves the agent its previous turn rather than nothing.
-    superseded: list[tuple[Path, int]] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def tier(self) -> str:
-        return "memory" if self.data is not None else "disk"
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes if self.data is not None else self.file_bytes
-
-    def describe(self) -> dict[str, Any]:
-        return {"agent_id": self.agent, "entry_id": self.key, "tier": self.tier, "tokens": self.num_tokens,
-                "bytes": self.nbytes, "last_use": round(self.last_use, 3), "created": round(self.created, 3)}
-
-
-@dataclass(frozen=True)
-class Match:
-    """A lookup's answer: reuse the first `num_tokens` of `entry` (no entry: a miss)."""
-
-    entry: Entry | None = None
-    num_tokens: int = 0
-
-    @property
-    def resident(self) -> bool:
-        return self.entry is not None and (self.entry.data is not None or self.entry.pending is not None)
-
-
-MISS = Match()
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if diff.size else n
-
-
-def _read_entry(path: Path) -> tuple[store.EntryMeta, np.ndarray, KVData]:
-    meta, tensors = store.read(path)
-    tokens, data = KVData.from_tensors(tensors, meta.dtype, meta.encoding)
-    return meta, tokens, data
-
-
-def _write_entry(directory: Path, meta: store.EntryMeta, tokens: np.ndarray, data: KVData) -> store.StoredFile:
-    return store.write(directory, meta, data.to_tensors(tokens, meta.encoding))
-
-
-class AgentCache:
+class AgentCache(DiskTier):
     def __init__(self, limits: CacheLimits, directory: Path | None, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time):
         self.limits = limits
@@ -383,131 +302,6 @@ class AgentCache:
             self._remove(entry, reason)
         self._update_gauges()
 
-    def _enforce_disk(self) -> None:
-        while self.disk_bytes > self.limits.disk_budget:
-            ours = [e for e in self.entries.values() if e.path is not None]
-            oldest = min(ours, key=lambda e: e.last_use, default=None)
-            other = min(self.foreign.values(), key=lambda f: f.meta.last_use, default=None)
-            if other is not None and (oldest is None or other.meta.last_use < oldest.last_use):
-                self._drop_foreign(other.meta.key, "budget")
-            elif oldest is None:
-                return
-            elif oldest.data is None and oldest.pending is None:
-                self._remove(oldest, "budget")
-            else:  # resident: it keeps living in memory, to be written again if spilled
-                self.disk_bytes -= oldest.file_bytes
-                self._spawn(self._run(store.remove, oldest.path))
-                oldest.path, oldest.file_bytes, oldest.dirty = None, 0, True
-            self.metrics.cache_evictions.labels("disk", "budget").inc()
-        self._update_gauges()
-
-    def _drop_foreign(self, key: str, reason: str) -> asyncio.Task:
-        f = self.foreign.pop(key)
-        self.disk_bytes -= f.size
-        self._update_gauges()
-        return self._spawn(self._run(store.remove, f.path))
-
-    def _drop_superseded(self, entry: Entry) -> list[asyncio.Task]:
-        tasks = []
-        for path, size in entry.superseded:
-            self.disk_bytes -= size
-            tasks.append(self._spawn(self._run(store.remove, path)))
-        entry.superseded = []
-        return tasks
-
-    def _remove(self, entry: Entry, reason: str) -> list[asyncio.Task]:
-        """Forget the entry; returns the file removals it started."""
-        if entry.removed:
-            return []
-        entry.removed = True
-        superseded = self._drop_superseded(entry)
-        del self.entries[entry.key]
-        self._tries[entry.tenant].remove(entry.tokens.tolist(), entry.key)
-        self._pools[(entry.tenant, entry.agent if entry.named else None)].discard(entry.key)
-        if entry.data is not None:
-            self.memory_bytes -= entry.data.nbytes
-        if entry.pending is not None:
-            self.writing_bytes -= entry.pending.nbytes
-        entry.data = entry.pending = None
-        self._update_gauges()
-        if entry.path is None:
-            return superseded
-        self.disk_bytes -= entry.file_bytes
-        path, entry.path = entry.path, None
-        self._update_gauges()
-        return superseded + [self._spawn(self._run(store.remove, path))]
-
-    def _schedule_write(self, entry: Entry) -> None:
-        if entry.writing is None:
-            entry.writing = self._spawn(self._write(entry))
-
-    async def _write(self, entry: Entry) -> None:
-        data = entry.data if entry.data is not None else entry.pending
-        meta = self._meta(entry, self.limits.encoding if data.quantizable else "native")
-        try:
-            stored = await timed(self.metrics.cache_disk_write_seconds,
-                                 self._run(_write_entry, self.directory, meta, entry.tokens, data))
-        except Exception as exc:  # disk full, permissions...: the entry lives on in memory, or is dropped
-            log.error("cannot write cache entry %s for %s: %s", entry.key, entry.agent, exc)
-            if entry.pending is not None:
-                self._remove(entry, "write_error")
-            return
-        finally:
-            entry.writing = None
-        if entry.removed:  # deleted while it was being written
-            await self._run(store.remove, stored.path)
-            return
-        entry.path, entry.file_bytes, entry.dirty = stored.path, stored.size, False
-        self.disk_bytes += stored.size
-        self._drop_superseded(entry)
-        if entry.pending is not None:
-            self.writing_bytes -= entry.pending.nbytes
-            entry.pending = None
-        self._enforce_disk()
-        self._update_gauges()
-
-    def _meta(self, entry: Entry, encoding: str) -> store.EntryMeta:
-        return store.EntryMeta(entry.key, self.fingerprint, entry.tenant, entry.agent, entry.named,
-                               entry.num_tokens, entry.dtype, encoding, entry.created, entry.last_use)
-
-    async def _read(self, entry: Entry) -> bool:
-        try:
-            path = entry.path
-            if entry.removed or path is None:  # removed before the read started
-                return False
-            try:
-                meta, tokens, data = await timed(self.metrics.cache_disk_read_seconds, self._run(_read_entry, path))
-                if meta.key != entry.key or meta.fingerprint != self.fingerprint or not np.array_equal(
-                        tokens, entry.tokens):
-                    raise store.CorruptEntry("metadata does not match the index")
-            except Exception as exc:  # whatever is wrong with the file: quarantine, never a wrong answer
-                if entry.removed or entry.path != path:  # already gone (and its file with it)
-                    return False
-                log.warning("cache file %s is unusable (%s); moved to quarantine", path, exc)
-                entry.path = None
-                self.disk_bytes -= entry.file_bytes
-                self._remove(entry, "corrupt")
-                await self._quarantine(path)
-                return False
-            if entry.removed:
-                return False
-            self._attach(entry, data)
-            return True
-        finally:
-            entry.loading = None
-
-    async def _quarantine(self, path: Path) -> None:
-        await self._run(store.quarantine, self.directory, path)
-        self.metrics.cache_quarantined.inc()
-
-    def _run(self, fn, *args) -> asyncio.Future:
-        return asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
-
-    def _spawn(self, awaitable) -> asyncio.Task:
-        task = asyncio.ensure_future(awaitable)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     # Introspection ---------------------------------------------------------------------------
 
@@ -540,11 +334,3 @@ class AgentCache:
         assert sum(len(keys) for keys in self._pools.values()) == len(live), "agent pools out of step"
         largest = max((e.data.nbytes for e in live if e.data is not None), default=0)
         assert self.memory_bytes - largest <= self.limits.memory_budget, "memory budget exceeded by more than one entry"
-
-
-def _preferred(entry: Entry, other: Entry | None) -> bool:
-    """Resident beats on-disk; then the more recently used."""
-    if other is None:
-        return True
-    mine, theirs = entry.data is not None or entry.pending is not None, other.data is not None or other.pending is not None
-    return (mine, entry.last_use) > (theirs, other.last_use)

@@ -20,6 +20,16 @@ FORBIDDEN = {
     "sampling": {"aiohttp", "asyncio"},
     "models": {"aiohttp", "asyncio"},
     "blas": {"aiohttp", "asyncio", "mlx"},
+    # the agent cache: arrays are numpy, so nothing in it may call MLX off the MLX thread
+    "kvcache": {"aiohttp", "mlx", "mlx_lm"},
+    "kventry": {"aiohttp", "mlx", "mlx_lm"},
+    "kvdisk": {"aiohttp", "mlx", "mlx_lm"},
+    "kvdata": {"aiohttp", "asyncio", "mlx", "mlx_lm"},
+    "store": {"aiohttp", "asyncio", "mlx", "mlx_lm"},
+    "trie": {"aiohttp", "asyncio", "mlx", "mlx_lm"},
+    "tenants": {"aiohttp", "asyncio", "mlx", "mlx_lm"},
+    "ratelimit": {"aiohttp", "asyncio", "mlx", "mlx_lm"},
+    "metrics": {"aiohttp", "mlx", "mlx_lm"},
 }
 
 
