@@ -151,9 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        return uvloop.run(serve(config))
+        code = uvloop.run(serve(config))
     except ImportError:
-        return asyncio.run(serve(config))
+        code = asyncio.run(serve(config))
+    # Everything is written and closed by now. Leave without running C++ static destructors: MLX's
+    # per-thread stream state, torn down at interpreter exit, sometimes aborted the process
+    # ("terminate called without an active exception", exit -6) after a clean shutdown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,12 @@ def start(tmp_path, **env) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "semcache", "serve", "--port", str(port),
                              "--cache-dir", str(tmp_path / "cache")], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"))
-    wait_ready(port, proc)
+    try:
+        wait_ready(port, proc)
+    except BaseException:  # never leave a daemon behind
+        proc.kill()
+        proc.wait()
+        raise
     return proc, port
 
 
