@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import secrets
 import time
 
@@ -13,9 +12,10 @@ import msgspec
 from aiohttp import web
 
 from semcache.errors import ApiError, Kind, anthropic_body, openai_body, status_for
-from semcache.identity import ADMIN, ANONYMOUS, KEY, TENANT, USAGE
+from semcache.identity import ADMIN, KEY, TENANT, USAGE, rate_key
 from semcache.keys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS
-from semcache.ratelimit import Grant, RateLimited, RateLimiter, anthropic_headers, openai_headers
+from semcache.ratelimit import anthropic_headers, openai_headers
+from semcache.serving import charge
 from semcache.tenants import key_id, tenant_id
 
 log = logging.getLogger("semcache.http")
@@ -100,7 +100,7 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers["x-request-id"] = request_id
     limiter = request.app[LIMITER]
     if limiter is not None and not request.path.startswith("/health/"):
-        snap = limiter.snapshot(request.get(KEY) or ANONYMOUS)
+        snap = limiter.snapshot(rate_key(request))
         headers = anthropic_headers(snap, time.time()) if is_anthropic(request) else openai_headers(snap)
         response.headers.update(headers)
 
@@ -114,20 +114,8 @@ async def rate_limit(request: web.Request, handler):
         return await handler(request)
     if request.method == "POST" and request.path in GENERATION_PATHS or request.path.endswith("/warm"):
         return await handler(request)
-    grant = charge(limiter, request.get(KEY) or ANONYMOUS, 0)
-    grant.settle(0)
+    charge(limiter, rate_key(request), 0)
     return await handler(request)
-
-
-def charge(limiter: RateLimiter, key: str, tokens: int) -> Grant:
-    """Take one request and `tokens` from the key's buckets, or raise the dialect-neutral ApiError."""
-    try:
-        return limiter.acquire(key, tokens)
-    except RateLimited as exc:
-        if exc.never:
-            raise ApiError(Kind.INVALID_REQUEST, exc.message) from None
-        raise ApiError(Kind.RATE_LIMIT, f"rate limit exceeded: {exc.message}",
-                       retry_after=max(1, math.ceil(exc.retry_after))) from None
 
 
 @web.middleware

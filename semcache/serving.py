@@ -19,6 +19,7 @@ from semcache.chat import ChatMessage, PromptRenderer
 from semcache.config import Config
 from semcache.engine import Engine
 from semcache.kvcache import AgentCache
+from semcache.ratelimit import Grant, RateLimited, RateLimiter
 from semcache.errors import ApiError, Kind, invalid
 from semcache.scheduler import Overloaded, Scheduler, TooLarge
 from semcache.sequence import Finished, FinishReason, SamplingParams, Sequence
@@ -70,6 +71,18 @@ def parse_priority(header: str | None, body_value: int | None, default: int) -> 
     if not low <= value <= high:
         raise invalid(f"priority must be between {low} and {high}, got {value}", param="priority")
     return value
+
+
+def charge(limiter: RateLimiter, key: str, tokens: int) -> Grant:
+    """Take one request and `tokens` from the key's buckets, or raise the dialect-neutral ApiError
+    (429 with Retry-After; 400 for a request that could never fit the token budget)."""
+    try:
+        return limiter.acquire(key, tokens)
+    except RateLimited as exc:
+        if exc.never:
+            raise invalid(exc.message, param="max_tokens") from None
+        raise ApiError(Kind.RATE_LIMIT, f"rate limit exceeded: {exc.message}",
+                       retry_after=max(1, math.ceil(exc.retry_after))) from None
 
 
 def failure(finished: Finished) -> ApiError:
@@ -153,7 +166,7 @@ class Service:
             fingerprint=self.engine.info.fingerprint,
         )
         if self.limiter is not None:
-            seq.grant = self._charge(gen.rate_key, len(prompt_ids) + seq.max_tokens)
+            seq.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + seq.max_tokens)
         if warm:
             seq.on_stored = asyncio.get_running_loop().create_future()
         if gen.breakpoint:
@@ -201,13 +214,3 @@ class Service:
             ran = seq.admitted_at is not None
             seq.grant.settle(seq.num_prompt_tokens + seq.num_output_tokens if ran else 0)
 
-    def _charge(self, key: str, tokens: int):
-        from semcache.ratelimit import RateLimited
-
-        try:
-            return self.limiter.acquire(key, tokens)
-        except RateLimited as exc:
-            if exc.never:
-                raise invalid(exc.message, param="max_tokens") from None
-            raise ApiError(Kind.RATE_LIMIT, f"rate limit exceeded: {exc.message}",
-                           retry_after=max(1, math.ceil(exc.retry_after))) from None
