@@ -24,7 +24,7 @@ import numpy as np
 
 from semcache import store
 from semcache.kvdata import KVData
-from semcache.kvdisk import DiskTier
+from semcache.kvdisk import READ_RETRY, WRITE_PAUSE, DiskTier
 from semcache.kventry import ANON, MISS, CacheLimits, Entry, Match, _preferred, common_prefix
 from semcache.metrics import Metrics
 from semcache.trie import TokenTrie
@@ -49,23 +49,39 @@ class AgentCache(DiskTier):
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="semcache-io")
         self._tasks: set[asyncio.Task] = set()
         self._lock: Any = None
+        self.write_pause, self.read_retry = WRITE_PAUSE, READ_RETRY  # seconds (kvdisk.py: faults)
+        self._writes_paused_until = 0.0  # time.monotonic()
+        self._skipped_writes = False  # write-through skipped entries during a pause
         self._update_gauges()
 
     # Lifecycle -------------------------------------------------------------------------------
 
     async def lock(self) -> None:
-        """Take the cache directory (store.CacheDirLocked if another daemon has it)."""
+        """Take the cache directory (store.CacheDirLocked if another daemon has it). A directory that
+        cannot be created or locked (read-only, I/O error) leaves the cache in memory only."""
         if self.directory is not None and self.limits.enabled:
-            self._lock = await self._run(store.lock_dir, self.directory)
+            try:
+                self._lock = await self._run(store.lock_dir, self.directory)
+            except OSError as exc:
+                self._disk_error("write", exc)
+                log.error("agent cache directory %s is unusable (%s): caching in memory only", self.directory, exc)
 
     async def open(self, fingerprint: str) -> None:
         """Index the files on disk from their headers (no arrays): a restarted daemon is warm."""
         self.fingerprint = fingerprint
         if self._lock is None:
             return
-        files, bad = await self._run(store.scan, self.directory)
+        try:
+            files, bad, failed = await self._run(store.scan, self.directory)
+        except OSError as exc:  # the folder cannot be listed: start cold, files stay for a later start
+            self._disk_error("read", exc)
+            log.error("cannot list the agent cache folder %s: %s; starting without its entries", self.directory, exc)
+            files, bad, failed = [], [], []
         for path in bad:
             await self._quarantine(path)
+        for path, exc in failed:  # left in place, not indexed: a later start tries again
+            self._disk_error("read", exc)
+            log.warning("cannot read cache file %s (%s); not indexed", path, exc)
         for f in files:
             self.disk_bytes += f.size
             if f.meta.fingerprint != fingerprint:
@@ -77,8 +93,8 @@ class AgentCache(DiskTier):
         self.expire()
         self._enforce_disk()
         self._update_gauges()
-        log.info("agent cache: %d entries on disk for this model (%d of other models, %d quarantined), %s",
-                 len(self.entries), len(self.foreign), len(bad), self.directory)
+        log.info("agent cache: %d entries on disk for this model (%d of other models, %d quarantined, "
+                 "%d unreadable), %s", len(self.entries), len(self.foreign), len(bad), len(failed), self.directory)
 
     async def settle(self) -> None:
         """Wait until no file work (writes, reads, removals) is in flight."""
@@ -105,9 +121,12 @@ class AgentCache(DiskTier):
         if not self.limits.enabled or limit < max(1, self.limits.min_prefix):
             return MISS
         best = MISS
+        now = time.monotonic()
         if agent is not None:
             ids = np.asarray(prompt_ids, dtype=np.int32)
             for entry in self._pool(tenant, agent):
+                if entry.retry_at > now:
+                    continue
                 n = min(common_prefix(entry.tokens, ids), limit)
                 if n > best.num_tokens or (n == best.num_tokens and _preferred(entry, best.entry)):
                     best = Match(entry, n)
@@ -115,8 +134,9 @@ class AgentCache(DiskTier):
         if trie is not None:
             n, keys = trie.longest(prompt_ids)
             n = min(n, limit)
-            if n > best.num_tokens:
-                best = Match(self._pick(keys), n)
+            picked = self._pick(keys, now) if n > best.num_tokens else None
+            if picked is not None:
+                best = Match(picked, n)
         return best if best.num_tokens >= self.limits.min_prefix else MISS
 
     def record(self, match: Match, num_prompt_tokens: int, from_disk: bool) -> None:
@@ -131,7 +151,7 @@ class AgentCache(DiskTier):
             entry.last_use = self.clock()
             self.metrics.cache_tokens_reused.inc(match.num_tokens)
             if entry.path is not None:
-                self._spawn(self._run(store.touch, entry.path, entry.last_use))
+                self._background(store.touch, entry.path, entry.last_use)
         self.metrics.cache_lookups.labels(result).inc()
 
     def fetch(self, entry: Entry) -> asyncio.Future | None:
@@ -183,8 +203,8 @@ class AgentCache(DiskTier):
             self._remove(old, "replaced")
         self._index(entry)
         self.memory_bytes += data.nbytes
-        if self.limits.write_through and self._lock is not None:
-            self._schedule_write(entry)
+        if self.limits.write_through:
+            self._write_through(entry)
         self._enforce_memory()
         self._update_gauges()
         return entry
@@ -260,12 +280,13 @@ class AgentCache(DiskTier):
             return [self.entries[k] for k in self._pools.get((tenant, None), ()) if self.entries[k].agent == agent]
         return [self.entries[k] for k in self._pools.get((tenant, agent), ())]
 
-    def _pick(self, keys) -> Entry:
-        """Among entries sharing the same prefix: a resident one, then the most recently used."""
+    def _pick(self, keys, now: float) -> Entry | None:
+        """Among entries sharing the same prefix: a resident one, then the most recently used
+        (None if all those looked at are passed over after a read error)."""
         best = None
         for i, key in enumerate(keys):
             entry = self.entries[key]
-            if best is None or _preferred(entry, best):
+            if entry.retry_at <= now and (best is None or _preferred(entry, best)):
                 best = entry
             if i >= 32:
                 break
@@ -294,7 +315,7 @@ class AgentCache(DiskTier):
         data, entry.data = entry.data, None
         self.memory_bytes -= data.nbytes
         self.metrics.cache_evictions.labels("memory", reason).inc()
-        if entry.dirty and self._lock is not None:
+        if entry.dirty and self._writable():  # while writes pause after a failure, it is dropped
             entry.pending = data
             self.writing_bytes += data.nbytes
             self._schedule_write(entry)

@@ -43,6 +43,7 @@ class Entry:
     writing: asyncio.Task | None = None
     loading: asyncio.Task | None = None
     removed: bool = False
+    retry_at: float = 0.0  # monotonic time before which lookups pass it over (its file could not be read)
     # Files of the entries this one replaced: deleted only once this one is on disk, so a crash in
     # between leaves the agent its previous turn rather than nothing.
     superseded: list[tuple[Path, int]] = field(default_factory=list)

@@ -35,6 +35,9 @@ class Metrics:
             ["tier", "reason"], registry=r)
         self.cache_quarantined = Counter(
             "semcache_cache_quarantined", "Cache files moved to quarantine (unreadable or bad hash)", registry=r)
+        self.cache_disk_errors = Counter(
+            "semcache_cache_disk_errors", "Failed cache file operations (op: read, write, remove) by errno name",
+            ["op", "errno"], registry=r)
         self.cache_disk_write_seconds = Histogram(
             "semcache_cache_disk_write_seconds", "Time to write one entry file", buckets=_IO_BUCKETS, registry=r)
         self.cache_disk_read_seconds = Histogram(

@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
+import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,11 @@ def _model_path(spec: str | None) -> Path:
     return embedded_model_path() if not spec else Path(spec).expanduser()
 
 
+def _is_local(spec: str) -> bool:
+    """A spec written as a file or folder path (a repo id is `name` or `org/name`)."""
+    return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or os.path.exists(spec)
+
+
 def describe(spec: str | None) -> str:
     """'path (N MB)' for the start-up log, before anything is loaded."""
     path = _model_path(spec)
@@ -77,6 +85,8 @@ def describe(spec: str | None) -> str:
     if path.is_dir():
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         return f"{path} ({size / 1e6:.0f} MB of weights)"
+    if _is_local(spec):
+        return f"{path} (not found)"
     return f"{spec} (Hugging Face repo id, resolved by mlx-lm)"
 
 
@@ -91,17 +101,25 @@ def compute_backend() -> str:
 
 
 def load_model(spec: str | None) -> LoadedModel:
-    """Load `spec` (None = embedded default; a .gguf file; an mlx-lm folder; an HF repo id)."""
+    """Load `spec` (None = embedded default; a .gguf file; an mlx-lm folder; an HF repo id).
+    Any failure is a one-line ModelLoadError naming the file or folder."""
     path = _model_path(spec)
     backend = compute_backend()
     if path.suffix == ".gguf" or (spec is None):
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
-        model, tokenizer, ctx, eos, model_id = load_gguf(path, backend)
+        with _named(path):
+            model, tokenizer, ctx, eos, model_id = load_gguf(path, backend)
+            mx.eval(model.parameters())
         model_id = EMBEDDED_ID if spec is None else model_id
     else:
-        model, tokenizer, ctx, eos, model_id = _load_mlx_lm(spec, backend)
-    mx.eval(model.parameters())
+        if _is_local(spec) and not path.is_dir():
+            raise ModelLoadError(f"model not found: {path} is neither a .gguf file nor an mlx-lm folder")
+        if path.is_dir():
+            _check_folder(path)
+        with _named(path if path.is_dir() else spec):
+            model, tokenizer, ctx, eos, model_id = _load_mlx_lm(spec, backend)
+            mx.eval(model.parameters())
     nbytes = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
     dtype = _weights_dtype(model)
     return LoadedModel(
@@ -116,6 +134,55 @@ def load_model(spec: str | None) -> LoadedModel:
         dtype=dtype,
         nbytes=nbytes,
     )
+
+
+@contextmanager
+def _named(what):
+    """Re-raise any error as a one-line ModelLoadError that names `what` (the file, folder or repo)."""
+    try:
+        yield
+    except Exception as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, ModelLoadError):
+            text = f"{type(exc).__name__}: {text}"
+        raise ModelLoadError(text if str(what) in text else f"{what}: {text}") from exc
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse, naming the file, an mlx-lm folder whose config.json or weight files are missing,
+    unreadable or cut short (checked from the headers: cheap, and clearer than mlx-lm's errors)."""
+    config = folder / "config.json"
+    try:
+        args = json.loads(config.read_bytes())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{config} not found: an mlx-lm model folder needs one") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config}: {' '.join(str(exc).split())}") from None
+    if not isinstance(args, dict) or "model_type" not in args:
+        raise ModelLoadError(f"{config} does not name a model_type")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(f"no *.safetensors weight files in {folder}")
+    for path in weights:
+        _check_safetensors(path)
+
+
+def _check_safetensors(path: Path) -> None:
+    if not path.is_file():  # a FIFO or a device would block the read below
+        raise ModelLoadError(f"weight file {path} is not a regular file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 <= length <= min(size - 8, 100 << 20):
+            raise ModelLoadError(f"weight file {path} is not a safetensors file, or is cut short ({size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+            end = max((spec["data_offsets"][1] for k, spec in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ModelLoadError(f"weight file {path} has a corrupt header") from None
+    if 8 + length + end > size:
+        raise ModelLoadError(f"weight file {path} is cut short: {size} bytes, its header needs {8 + length + end}")
 
 
 def _weights_dtype(model: nn.Module) -> str:

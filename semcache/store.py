@@ -139,10 +139,22 @@ def write(directory: Path, meta: EntryMeta, tensors: dict[str, np.ndarray]) -> S
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
-    _fsync_dir(path.parent)
+    try:
+        _fsync_dir(path.parent)
+    except BaseException:  # the rename may not be durable: undo it, so the caller's "not written" holds
+        _unlink_quietly(path)
+        raise
     return StoredFile(path, meta, 8 + len(encoded) + offset)
+
+
+def _unlink_quietly(path: Path) -> None:
+    """Best-effort removal while another error is on its way up (which must not be masked)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _canonical(strings: dict[str, str], table: dict) -> bytes:
@@ -192,12 +204,23 @@ def read_meta(path: Path) -> StoredFile:
             raise CorruptEntry("token offsets are not integers")
         if not 0 <= begin <= end <= size - start or end - begin != 4 * meta.num_tokens:
             raise CorruptEntry("token ids do not fit the file")
+        if _data_end(header) != size - start:  # a truncated (or padded) file: caught here, at start
+            raise CorruptEntry(f"the tensors need {_data_end(header)} data bytes, the file has {size - start}")
         f.seek(start + begin)
         tokens = np.frombuffer(f.read(end - begin), dtype=np.int32)
     mtime = os.stat(path).st_mtime
     if mtime > meta.last_use:
         meta = dataclasses.replace(meta, last_use=mtime)
     return StoredFile(path, meta, size, tokens)
+
+
+def _data_end(header: dict) -> int:
+    """Where the last tensor's bytes end (safetensors data is exactly that long); -1 if malformed."""
+    try:
+        return max((spec["data_offsets"][1] for name, spec in header.items() if name != "__metadata__"),
+                   default=0)
+    except (KeyError, TypeError, IndexError, ValueError):
+        return -1
 
 
 def read(path: Path) -> tuple[EntryMeta, dict[str, np.ndarray]]:
@@ -225,20 +248,23 @@ def read(path: Path) -> tuple[EntryMeta, dict[str, np.ndarray]]:
     return EntryMeta.from_strings(strings), tensors
 
 
-def scan(directory: Path) -> tuple[list[StoredFile], list[Path]]:
-    """Every entry file's metadata, and the files that could not be read (to quarantine).
+def scan(directory: Path) -> tuple[list[StoredFile], list[Path], list[tuple[Path, OSError]]]:
+    """Every entry file's metadata; the files that do not parse (to quarantine); and the files that
+    could not be read (an I/O error says nothing about the file: it is left where it is).
 
     Temp files left by a crash mid-write are deleted: their rename never happened."""
-    good, bad = [], []
+    good, bad, failed = [], [], []
     for path in sorted((directory / "entries").iterdir()):
         if path.name.endswith(".tmp"):
-            path.unlink(missing_ok=True)
+            _unlink_quietly(path)
         elif path.suffix == SUFFIX:
             try:
                 good.append(read_meta(path))
+            except OSError as exc:
+                failed.append((path, exc))
             except Exception:  # whatever is wrong with a file, it is quarantined, never a crash
                 bad.append(path)
-    return good, bad
+    return good, bad, failed
 
 
 def quarantine(directory: Path, path: Path) -> None:

@@ -128,12 +128,13 @@ class TestStore:
         kv_bytes = sum(a.nbytes for n, a in tensors().items() if n != "tokens")
         assert sum(reads) == stored.size - kv_bytes  # length, header and token ids: nothing more
 
-    def test_read_meta_works_without_the_arrays(self, cache_dir):
-        """read_meta succeeds on a file cut right after the token ids (read, which needs them, fails)."""
+    def test_read_meta_refuses_a_file_cut_after_the_token_ids(self, cache_dir):
+        """a file cut right after the token ids is caught from the header alone (at start, not at load)."""
         stored = store.write(cache_dir, meta(), tensors())
         raw = stored.path.read_bytes()
         stored.path.write_bytes(raw[: data_start(stored.path) + 4 * 5])
-        assert store.read_meta(stored.path).tokens.tolist() == list(range(100, 105))
+        with pytest.raises(CorruptEntry, match="data bytes"):
+            store.read_meta(stored.path)
         with pytest.raises(CorruptEntry):
             store.read(stored.path)
 
@@ -176,9 +177,8 @@ class TestStore:
         stored.path.write_bytes(raw[:cut])
         with pytest.raises(CorruptEntry):
             store.read(stored.path)
-        if keep != "data":  # the token ids are intact when only the KV data is cut
-            with pytest.raises(CorruptEntry):
-                store.read_meta(stored.path)
+        with pytest.raises(CorruptEntry):  # the header says how long the data is: caught at start
+            store.read_meta(stored.path)
 
     @pytest.mark.parametrize("garbage", [
         b"", b"\x00", os.urandom(4096), struct.pack("<Q", 4) + b"[1,2" + b"\x00" * 64,
@@ -213,7 +213,8 @@ class TestStore:
         tmp.write_bytes(b"half written")
         other = cache_dir / "entries" / "notes.txt"
         other.write_text("ignored")
-        good, bad_paths = store.scan(cache_dir)
+        good, bad_paths, failed = store.scan(cache_dir)
+        assert failed == []
         assert sorted(f.meta.key for f in good) == ["a", "b"]
         assert {f.meta.key: f.tokens.tolist() for f in good} == {"a": list(range(100, 105)),
                                                                   "b": list(range(100, 103))}
@@ -387,5 +388,5 @@ class TestMalformedHeaders:
         encoded = json.dumps(header).encode()
         encoded += b" " * (-len(encoded) % 8)
         stored.path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[start:])
-        good, bad = store.scan(cache_dir)
-        assert good == [] and bad == [stored.path]
+        good, bad, failed = store.scan(cache_dir)
+        assert good == [] and bad == [stored.path] and failed == []
