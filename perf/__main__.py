@@ -1,11 +1,22 @@
 """python -m perf serving --out report.json [--runs 3] [--max-tokens 64] [--no-peer]
 python -m perf agents --out report.json [--agents 12] [--budget 256MiB] [--runs 3]
 python -m perf quant --out report.json [--prompts 10]
-python -m perf swap --out report.json [--runs 3]"""
+python -m perf swap --out report.json [--runs 3]
+python -m perf baseline|stress|faults|tools --help   (each module adds its own options)"""
 
 import argparse
+import importlib
 import json
+import sys
 from pathlib import Path
+
+# Benchmarks whose module declares its own options: configure(parser) and main(args) -> report.
+MODULES = {
+    "baseline": "JSON baseline report: start-up, latency, health, concurrency, agent cache, optional peer",
+    "stress": "bounded loopback stress: overload, agent bursts, sustained load, disconnect storms",
+    "faults": "fault injection: SIGKILL during cache writes, restart, check what survived",
+    "tools": "constrained decoding cost: grammar compile and mask time, decode tok/s with vs without",
+}
 
 
 def main() -> None:
@@ -28,8 +39,15 @@ def main() -> None:
     swap = sub.add_parser("swap", help="model hot-swap time on an idle daemon")
     swap.add_argument("--out", type=Path, default=Path("perf-swap.json"))
     swap.add_argument("--runs", type=int, default=3)
+    modules = {name: sub.add_parser(name, help=text) for name, text in MODULES.items()}
+    chosen = sys.argv[1] if len(sys.argv) > 1 else None
+    if chosen in modules:
+        module = importlib.import_module(f"perf.{chosen}")
+        module.configure(modules[chosen])
     args = parser.parse_args()
-    if args.command == "swap":
+    if args.command in modules:
+        report = module.main(args)
+    elif args.command == "swap":
         from perf import swap as bench
 
         report = bench.run(args.out, runs=args.runs)
