@@ -11,7 +11,7 @@ import time
 import msgspec
 from aiohttp import web
 
-from semcache.errors import ApiError, Kind, anthropic_body, openai_body, status_for
+from semcache.errors import ApiError, Kind, anthropic_body, invalid, openai_body, status_for
 from semcache.identity import ADMIN, KEY, TENANT, USAGE, rate_key
 from semcache.keys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS
 from semcache.ratelimit import anthropic_headers, openai_headers
@@ -121,6 +121,9 @@ async def rate_limit(request: web.Request, handler):
 @web.middleware
 async def errors(request: web.Request, handler):
     """The one place that turns exceptions into the caller's dialect; 500 only for bugs."""
+    refused = _refuse_encoding(request)
+    if refused is not None:
+        return refused
     try:
         return await handler(request)
     except ApiError as err:
@@ -131,11 +134,26 @@ async def errors(request: web.Request, handler):
         kind = _HTTP_KINDS.get(exc.status, Kind.INVALID_REQUEST)
         message = _http_message(request, exc)
         return error_response(request, ApiError(kind, message))
+    except web.RequestPayloadError as exc:  # the body does not match its framing or Content-Encoding
+        reason = getattr(exc.__cause__, "message", None) or str(exc)
+        return error_response(request, invalid(f"the request body could not be read: {reason}"))
     except ConnectionResetError:
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(request, ApiError(Kind.INTERNAL, "internal server error"))
+
+
+def _refuse_encoding(request: web.Request) -> web.Response | None:
+    """A body in any Content-Encoding but gzip is refused unread, and the connection closed: aiohttp
+    (3.14) never ends the read of a truncated deflate body, so the request would hang."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if not request.body_exists or encoding in ("identity", "gzip"):
+        return None
+    message = f"Content-Encoding {encoding!r} is not supported for request bodies; send identity or gzip"
+    response = error_response(request, invalid(message))
+    response.force_close()
+    return response
 
 
 def _http_message(request: web.Request, exc: web.HTTPException) -> str:
@@ -150,11 +168,14 @@ def _http_message(request: web.Request, exc: web.HTTPException) -> str:
 
 
 def given_key(request: web.Request) -> str | None:
-    """The key sent as x-api-key or Authorization: Bearer (both SDKs' ways)."""
+    """The key sent as x-api-key or Authorization: Bearer (both SDKs' ways); a 401 if it is not
+    UTF-8 (aiohttp keeps such bytes as surrogates, which no key can match or even encode)."""
     given = request.headers.get("x-api-key")
     bearer = request.headers.get("Authorization", "")
     if given is None and bearer[:7].lower() == "bearer ":
         given = bearer[7:].strip()
+    if given is not None and any("\udc80" <= c <= "\udcff" for c in given):
+        raise ApiError(Kind.AUTHENTICATION, "invalid API key: the header is not UTF-8 text")
     return given
 
 
@@ -165,9 +186,10 @@ async def auth(request: web.Request, handler):
     key is accepted everywhere."""
     config = request.app[CONFIG]
     path = request.path
+    keys = request.app[KEYRING]
     if path.startswith("/health/"):
         return await handler(request)
-    given = given_key(request)
+    given = given_key(request) if config.admin_key or keys.enabled else None
     admin = bool(config.admin_key and given and hmac.compare_digest(given.encode(), config.admin_key.encode()))
     request[ADMIN] = admin
     if path.startswith("/admin/"):
@@ -176,7 +198,6 @@ async def auth(request: web.Request, handler):
         if not admin:
             raise ApiError(Kind.AUTHENTICATION, "admin routes need the admin key (x-api-key)")
         return await handler(request)
-    keys = request.app[KEYRING]
     if not keys.enabled or (path == "/metrics" and config.metrics_public):
         return await handler(request)
     if given is None:
