@@ -139,11 +139,15 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
         info.nbytes / 1e6, info.dtype, info.backend, info.context_length,
     )
     cache = service.cache
-    if cache is not None:
-        await cache.open(info.fingerprint)
-    service.scheduler.ready = True
-    log.info("ready")
-    await asyncio.gather(service.scheduler.run(), _expire_loop(cache))
+    try:
+        if cache is not None:
+            await cache.open(info.fingerprint)
+        service.scheduler.ready = True
+        log.info("ready")
+        await asyncio.gather(service.scheduler.run(), _expire_loop(cache))
+    except Exception:  # the daemon exits on it: say why
+        log.exception("the agent cache or the scheduler loop failed")
+        raise
 
 
 async def _expire_loop(cache: AgentCache | None) -> None:

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, NamedTuple
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from semcache.batchkv import as_batch, restore, snapshot
 from semcache.kvdata import KVData
-from semcache.sampling import sample_row
+from semcache.sampling import sample_batch
 from semcache.sequence import SamplingParams
 
 # Below this many common tokens, a group is cheaper to prefill with plain left padding.
@@ -83,42 +83,6 @@ def _group_cost(size: int, longest: int, shared: int) -> int:
     return shared + size * (longest - shared)
 
 
-def _restore(keys: np.ndarray, values: np.ndarray, dtype: str) -> KVCache:
-    """A fresh KVCache holding a copy of stored arrays (the stored entry is never written to)."""
-    c = KVCache()
-    c.keys, c.values = _to_mx(keys, dtype), _to_mx(values, dtype)
-    c.offset = keys.shape[2]
-    return c
-
-
-def _to_mx(a: np.ndarray, dtype: str) -> mx.array:
-    out = mx.array(a)
-    return out.view(mx.bfloat16) if dtype == "bfloat16" else out
-
-
-def _to_np(a: mx.array) -> np.ndarray:
-    """A numpy-owned copy: stored entries hold no MLX memory, so they outlive MLX safely (a numpy
-    view of MLX buffers still alive at interpreter exit aborted the process once)."""
-    a = mx.contiguous(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
-    mx.eval(a)
-    return np.array(a, copy=True)
-
-
-def _snapshot(cache: list[Any], row: int) -> KVData:
-    """Copy one row's KV (prompt and generated tokens so far) out of the decode batch."""
-    layers = []
-    for c in cache:
-        single = c if isinstance(c, KVCache) else c.extract(row)
-        n = single.offset
-        layers.append((_to_np(single.keys[..., :n, :]), _to_np(single.values[..., :n, :])))
-    dtype = str(cache[0].keys.dtype).rsplit(".", 1)[-1]
-    return KVData(tuple(layers), dtype)
-
-
-def _as_batch(cache: Any) -> BatchKVCache:
-    return cache if isinstance(cache, BatchKVCache) else BatchKVCache.merge([cache])
-
-
 class Batcher:
     """All MLX state for continuous batching. Not thread-safe: call only from the MLX thread."""
 
@@ -144,7 +108,7 @@ class Batcher:
     def _admitted(self, a: Admission) -> _Prefill:
         p = _Prefill(a, Row(a.seq_id, a.sampling))
         if a.prefix is not None and a.prefix.num_tokens:
-            p.cache = [_restore(k, v, a.prefix.dtype) for k, v in a.prefix.layers]
+            p.cache = [restore(k, v, a.prefix.dtype) for k, v in a.prefix.layers]
             p.done = a.prefix.num_tokens
             mx.eval([(c.keys, c.values) for c in p.cache])
         return p
@@ -152,7 +116,7 @@ class Batcher:
     def _release(self, ids: set[int], keep: set[int]) -> dict[int, KVData]:
         self.prefills = [p for p in self.prefills if p.admission.seq_id not in ids]
         d = self.decoding
-        kept = {row.seq_id: _snapshot(d.cache, i) for i, row in enumerate(d.rows) if row.seq_id in keep}
+        kept = {row.seq_id: snapshot(d.cache, i) for i, row in enumerate(d.rows) if row.seq_id in keep}
         rest = [i for i, row in enumerate(d.rows) if row.seq_id not in ids]
         if len(rest) == len(d.rows):
             return kept
@@ -328,9 +292,9 @@ class Batcher:
             single = len(rows) == 1 and isinstance(cache[0], BatchKVCache)
             d.cache, d.inputs = ([c.extract(0) for c in cache] if single else cache), tokens
         else:
-            d.cache = [_as_batch(c) for c in d.cache]
+            d.cache = [as_batch(c) for c in d.cache]
             for mine, theirs in zip(d.cache, cache):
-                mine.extend(_as_batch(theirs))
+                mine.extend(as_batch(theirs))
             d.inputs = mx.concatenate([d.inputs, tokens])
         d.rows.extend(rows)
         mx.eval([c.state for c in d.cache], d.inputs)
@@ -339,12 +303,4 @@ class Batcher:
         return dict(zip((r.seq_id for r in rows), tokens.tolist()))
 
     def _sample(self, logits: Any, rows: list[Row]) -> Any:
-        """One token per row: a batched argmax for greedy rows, keyed sampling for the rest."""
-        greedy = mx.argmax(logits, axis=-1)
-        if all(row.sampling.greedy for row in rows):
-            return greedy
-        picked = [
-            greedy[i : i + 1] if row.sampling.greedy else sample_row(logits[i : i + 1], row)
-            for i, row in enumerate(rows)
-        ]
-        return mx.concatenate(picked).astype(greedy.dtype)
+        return sample_batch(logits, rows)  # a method: the tests' seam for the logits

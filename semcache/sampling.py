@@ -6,6 +6,7 @@ import secrets
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 
 def sample_row(logits: mx.array, row: Any) -> mx.array:
@@ -31,3 +32,31 @@ def sample_row(logits: mx.array, row: Any) -> mx.array:
         token = mx.random.categorical(sorted_logits, key=sub)
         return mx.take_along_axis(order, token[:, None], axis=-1)[:, 0]
     return mx.random.categorical(logits, key=sub)
+
+
+def sample_batch(logits: mx.array, rows: list[Any]) -> mx.array:
+    """One token per row; rows with a grammar constraint sample only tokens it allows, and the
+    constraint then advances by the token sampled."""
+    constrained = [i for i, row in enumerate(rows) if row.sampling.constraint is not None]
+    if not constrained:
+        return _pick(logits, rows)
+    width = logits.shape[-1]
+    allowed = np.ones((len(rows), width), dtype=bool)
+    for i in constrained:
+        allowed[i] = rows[i].sampling.constraint.allowed(width)
+    tokens = _pick(mx.where(mx.array(allowed), logits, -mx.inf), rows)
+    values = tokens.tolist()
+    for i in constrained:
+        rows[i].sampling.constraint.advance(values[i])
+    return tokens
+
+def _pick(logits: mx.array, rows: list[Any]) -> mx.array:
+    """One token per row: a batched argmax for greedy rows, keyed sampling for the rest."""
+    greedy = mx.argmax(logits, axis=-1)
+    if all(row.sampling.greedy for row in rows):
+        return greedy
+    picked = [
+        greedy[i : i + 1] if row.sampling.greedy else sample_row(logits[i : i + 1], row)
+        for i, row in enumerate(rows)
+    ]
+    return mx.concatenate(picked).astype(greedy.dtype)

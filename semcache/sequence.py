@@ -35,6 +35,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    # grammar.Constraint: this sequence's own grammar state (tool_choice, response_format); only
+    # tokens it allows are sampled. One per sequence: it advances with every sampled token.
+    constraint: Any = field(default=None, compare=False)
 
     @classmethod
     def from_request(cls, temperature: float | None, top_p: float | None, top_k: int | None,

@@ -10,7 +10,7 @@ import asyncio
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import msgspec
@@ -18,11 +18,13 @@ import msgspec
 from semcache.chat import ChatMessage, PromptRenderer
 from semcache.config import Config
 from semcache.engine import Engine
+from semcache.errors import ApiError, Kind, invalid
+from semcache.grammar import GrammarError, Grammars, json_grammar
 from semcache.kvcache import AgentCache
 from semcache.ratelimit import Grant, RateLimited, RateLimiter
-from semcache.errors import ApiError, Kind, invalid
 from semcache.scheduler import Overloaded, Scheduler, TooLarge
 from semcache.sequence import Finished, FinishReason, SamplingParams, Sequence
+from semcache.tools import Tool, ToolChoice, ToolFormat, format_for
 
 T = TypeVar("T")
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
@@ -43,6 +45,10 @@ class Generation:
     agent: str | None = None
     breakpoint: list[ChatMessage] | None = None  # the conversation up to its last cache_control mark
     rate_key: str = "anonymous"  # whose rate-limit buckets pay for it
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    json_mode: bool = False  # OpenAI response_format: the answer is JSON (matching json_schema if set)
+    json_schema: dict | None = None
 
 
 def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
@@ -56,6 +62,10 @@ def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         raise invalid(str(exc), param=match.group(1) if match else None) from None
     except msgspec.DecodeError as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside the strings it keeps
+        raise invalid(f"the request body is not valid UTF-8: {exc.reason} in a string") from None
+    except RecursionError:  # msgspec's depth limit: [[[...]]] anywhere, even in an ignored field
+        raise invalid("the request body is nested too deeply to decode") from None
 
 
 def parse_priority(header: str | None, body_value: int | None, default: int) -> int:
@@ -95,6 +105,12 @@ def failure(finished: Finished) -> ApiError:
     return ApiError(Kind.INTERNAL, finished.error or "generation failed")
 
 
+def refusal(exc: Overloaded) -> ApiError:
+    """A capacity refusal: 529/503 overloaded, or 503 unavailable while the daemon shuts down."""
+    kind = Kind.UNAVAILABLE if exc.unavailable else Kind.OVERLOADED
+    return ApiError(kind, f"overloaded: {exc}", retry_after=exc.retry_after)
+
+
 class Service:
     """What handlers need from the layers below, in one place (lives under an AppKey)."""
 
@@ -109,6 +125,7 @@ class Service:
         self._not_swapping = asyncio.Event()  # cleared during a model swap: new prompts wait for it
         self._not_swapping.set()
         self._renderer: PromptRenderer | None = None
+        self._grammars: Grammars | None = None  # per model: reset with the renderer on a swap
 
     @property
     def loaded(self) -> bool:
@@ -123,16 +140,36 @@ class Service:
             raise ApiError(Kind.OVERLOADED, "the model is still loading", retry_after=2)
 
     async def tokenize(self, messages: list[ChatMessage], continue_final: bool = False,
-                       generate: bool = True) -> list[int]:
+                       generate: bool = True, tools: list[Tool] | tuple[Tool, ...] = ()) -> list[int]:
         """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes).
         Without `generate`, the assistant turn is not opened (a prefix of any next turn's prompt)."""
-        return await self._render(self.renderer.render, messages, continue_final, generate)
+        return await self._render(self.renderer.render, messages, continue_final, generate, list(tools))
+
+    @property
+    def tool_format(self) -> ToolFormat:
+        return self.renderer.tool_format
+
+    async def constraint(self, gen: Generation) -> Any:
+        """A new grammar.Constraint enforcing the request's tool_choice or JSON mode, or None.
+        Compiled off the event loop (the first one builds the model's llguidance tokenizer)."""
+        if not gen.json_mode and not gen.tools:
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self.engine.tokenizer, self.engine.info.eos_token_ids)
+        try:
+            if gen.json_mode:
+                return await asyncio.to_thread(self._grammars.compile, json_grammar(gen.json_schema))
+            return await asyncio.to_thread(self._grammars.for_tools, self.tool_format, list(gen.tools),
+                                           gen.tool_choice)
+        except GrammarError as exc:
+            where = "response_format.json_schema.schema" if gen.json_mode else "tools"
+            raise invalid(f"{where} cannot be enforced: {exc}", param=where) from None
 
     @property
     def renderer(self) -> PromptRenderer:
         self.require_loaded()
         if self._renderer is None:
-            self._renderer = PromptRenderer(self.engine.tokenizer)
+            self._renderer = PromptRenderer(self.engine.tokenizer, format_for(self.engine.tokenizer))
         return self._renderer
 
     async def _render(self, fn, *args):
@@ -146,8 +183,33 @@ class Service:
     async def start(self, gen: Generation, warm: bool = False) -> Sequence:
         """Queue the generation and wait for its slot; the caller must abort the Sequence when done.
         With `warm`, only prefill the conversation (no assistant turn opened) for the agent cache."""
-        await self._not_swapping.wait()  # tokenize with the model that will run it
-        prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm)
+        try:
+            self.scheduler.reserve()  # a full queue refuses before any template work
+        except Overloaded as exc:
+            raise refusal(exc) from None
+        try:
+            seq = await self._prepare(gen, warm)
+        finally:
+            self.scheduler.unreserve()
+        try:
+            self.scheduler.submit(seq)
+            await self.scheduler.wait_admitted(seq)
+        except BaseException as exc:
+            self.release(seq)  # refused: nothing was used, the rate-limit charge comes back
+            if isinstance(exc, Overloaded):
+                raise refusal(exc) from None
+            if isinstance(exc, TooLarge):
+                raise invalid(str(exc), param="max_tokens") from None
+            raise
+        if seq.finished is not None and seq.finished.reason is FinishReason.ABORT:
+            self.release(seq)
+            raise failure(seq.finished)  # refused while queued: still a plain HTTP error, not a stream
+        return seq
+
+    async def _prepare(self, gen: Generation, warm: bool) -> Sequence:
+        """Tokenize (with the model that will run it), check the context, charge the rate limit."""
+        await self._not_swapping.wait()
+        prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools)
         context = self.engine.info.context_length
         if len(prompt_ids) >= context:
             raise invalid(
@@ -158,33 +220,20 @@ class Service:
         seq = Sequence(
             prompt_ids=prompt_ids,
             max_tokens=min(gen.max_tokens, context - len(prompt_ids)),
-            sampling=gen.sampling,
+            sampling=replace(gen.sampling, constraint=None if warm else await self.constraint(gen)),
             stop=gen.stop,
             priority=gen.priority,
             tenant=gen.tenant,
             agent=gen.agent,
             fingerprint=self.engine.info.fingerprint,
         )
-        if self.limiter is not None:
-            seq.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + seq.max_tokens)
+        if gen.breakpoint:
+            seq.cache_breakpoint = await self._render(self.renderer.count_prefix, gen.messages, gen.breakpoint,
+                                                      list(gen.tools))
         if warm:
             seq.on_stored = asyncio.get_running_loop().create_future()
-        if gen.breakpoint:
-            seq.cache_breakpoint = await self._render(self.renderer.count_prefix, gen.messages, gen.breakpoint)
-        try:
-            self.scheduler.submit(seq)
-            await self.scheduler.wait_admitted(seq)
-        except BaseException as exc:
-            self.release(seq)  # refused: nothing was used, the rate-limit charge comes back
-            if isinstance(exc, Overloaded):
-                kind = Kind.UNAVAILABLE if exc.unavailable else Kind.OVERLOADED
-                raise ApiError(kind, f"overloaded: {exc}", retry_after=exc.retry_after) from None
-            if isinstance(exc, TooLarge):
-                raise invalid(str(exc), param="max_tokens") from None
-            raise
-        if seq.finished is not None and seq.finished.reason is FinishReason.ABORT:
-            self.release(seq)
-            raise failure(seq.finished)  # refused while queued: still a plain HTTP error, not a stream
+        if self.limiter is not None:
+            seq.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + seq.max_tokens)
         return seq
 
     async def swap_model(self, spec: str) -> float:
@@ -199,7 +248,7 @@ class Service:
             try:
                 await self.scheduler.wait_idle()
                 await self.engine.swap(spec)
-                self._renderer = None
+                self._renderer = self._grammars = None
                 if self.cache is not None:
                     await self.cache.switch(self.engine.info.fingerprint)
             finally:
