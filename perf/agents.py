@@ -176,7 +176,7 @@ def disk_load(workdir: Path, tokens: int = 2000, repeats: int = 5) -> dict:
     import numpy as np
 
     from semcache import store
-    from semcache.batch import _restore
+    from semcache.batchkv import restore
     from semcache.kvcache import _read_entry
     from semcache.kvdata import KVData
 
@@ -193,16 +193,11 @@ def disk_load(workdir: Path, tokens: int = 2000, repeats: int = 5) -> dict:
 
     def timed(fn) -> float:
         fn()  # warm: page cache, allocator
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return client.median_seconds(fn, repeats)
 
     def to_mlx():
         _, _, loaded = _read_entry(stored.path)
-        caches = [_restore(k, v, loaded.dtype) for k, v in loaded.layers]
+        caches = [restore(k, v, loaded.dtype) for k, v in loaded.layers]
         mx.eval([(c.keys, c.values) for c in caches])
 
     plain = timed(lambda: stored.path.read_bytes())

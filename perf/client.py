@@ -120,6 +120,16 @@ async def _probe(session, base, path, probes, done):
         await asyncio.sleep(0.02)
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def percentiles(values: list[float], ps=(50, 95)) -> dict:
     if not values:
         return {}

@@ -21,15 +21,25 @@ class AnthropicWarm(Struct, kw_only=True):
     model: Union[str, None] = None
     system: Union[str, list[anthropic.TextBlock], None] = None
     messages: list[anthropic.Message] = []
-    tools: Union[list[dict], None] = None
+    tools: Union[list[dict], None] = None  # rendered into the prompt, so the warmed entry matches
+    tool_choice: Union[dict, None] = None
 
 
 class OpenAIWarm(Struct, kw_only=True):
     model: Union[str, None] = None
     messages: Annotated[list[openai.Message], Meta(min_length=1)]
     tools: Union[list[dict], None] = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool = True
 
 
+class DialectProbe(Struct):
+    """Only whether a top-level `system` is present (Raw: its value is not decoded)."""
+
+    system: msgspec.Raw = msgspec.Raw()
+
+
+_dialect_probe = msgspec.json.Decoder(DialectProbe)
 _anthropic_warm = msgspec.json.Decoder(AnthropicWarm)
 _openai_warm = msgspec.json.Decoder(OpenAIWarm)
 
@@ -100,9 +110,9 @@ async def warm_agent(request: web.Request) -> web.Response:
     service, cache, tenant, agent = _scope(request, anon_ok=False)
     if cache is None:
         raise invalid("the agent cache is disabled (cache_enabled = false)")
-    messages = _warm_messages(request, await request.read())
+    messages, tools = _warm_messages(request, await request.read())
     gen = Generation(messages=messages, max_tokens=0, sampling=SamplingParams(temperature=0.0),
-                     tenant=tenant, agent=agent, rate_key=rate_key(request))
+                     tenant=tenant, agent=agent, rate_key=rate_key(request), tools=tuple(tools))
     seq = await service.start(gen, warm=True)
     try:
         await seq.text()
@@ -122,15 +132,13 @@ async def warm_agent(request: web.Request) -> web.Response:
     })
 
 
-def _warm_messages(request: web.Request, raw: bytes) -> list:
-    """Anthropic dialect with an anthropic-version header or a top-level `system`; else OpenAI."""
-    try:
-        probe = msgspec.json.decode(raw) if raw.strip() else None
-    except msgspec.DecodeError:
-        probe = None  # decode_body below reports the error
-    if "anthropic-version" in request.headers or (isinstance(probe, dict) and "system" in probe):
+def _warm_messages(request: web.Request, raw: bytes) -> tuple[list, list]:
+    """Messages and tools: Anthropic dialect with an anthropic-version header or a top-level
+    `system`; else OpenAI."""
+    if "anthropic-version" in request.headers or decode_body(raw, _dialect_probe).system:
         body = decode_body(raw, _anthropic_warm)
         if not body.messages and not body.system:
             raise invalid("nothing to warm: give a system prompt or messages", param="messages")
-        return anthropic.chat_messages(body)
-    return openai.chat_messages(decode_body(raw, _openai_warm))
+        return anthropic.chat_messages(body), anthropic.parse_tools(body)[0]
+    body = decode_body(raw, _openai_warm)
+    return openai.chat_messages(body), openai.parse_tools(body)[0]

@@ -3,144 +3,39 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Literal, Union
 
-import msgspec
 from aiohttp import web
-from msgspec import Meta, Struct
 
 from semcache import sse
-from semcache.chat import ChatMessage
-from semcache.errors import anthropic_body, invalid, unsupported
+from semcache.anthropic_request import (  # noqa: F401  (re-exported: agents.py, tests)
+    CountTokensRequest,
+    Message,
+    MessagesRequest,
+    TextBlock,
+    breakpoint_messages,
+    chat_messages,
+    count_decoder,
+    messages_decoder,
+    parse_tools,
+)
+from semcache.errors import anthropic_body
 from semcache.identity import identity, note_usage, priority, rate_key
 from semcache.keys import SERVICE
 from semcache.sequence import FinishReason, SamplingParams, Sequence
 from semcache.serving import Generation, decode_body, failure
+from semcache.tools import (
+    CallScanner,
+    Text,
+    ToolCall,
+    collect,
+    scanned,
+)
 
 STOP_REASONS = {
     FinishReason.END: "end_turn",
     FinishReason.LENGTH: "max_tokens",
     FinishReason.STOP_SEQUENCE: "stop_sequence",
 }
-
-
-class TextBlock(Struct, tag="text"):
-    text: str
-    cache_control: Union[dict, None] = None
-
-
-class ImageBlock(Struct, tag="image"):
-    pass
-
-
-class DocumentBlock(Struct, tag="document"):
-    pass
-
-
-class ToolUseBlock(Struct, tag="tool_use"):
-    pass
-
-
-class ToolResultBlock(Struct, tag="tool_result"):
-    pass
-
-
-class ThinkingBlock(Struct, tag="thinking"):
-    pass
-
-
-class RedactedThinkingBlock(Struct, tag="redacted_thinking"):
-    pass
-
-
-Block = Union[
-    TextBlock, ImageBlock, DocumentBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock
-]
-_UNSUPPORTED_BLOCKS = (ImageBlock, DocumentBlock, ToolUseBlock, ToolResultBlock)
-_SKIPPED_BLOCKS = (ThinkingBlock, RedactedThinkingBlock)  # earlier turns' thinking: not prompt text
-
-
-class Message(Struct):
-    role: Literal["user", "assistant", "system"]
-    content: Union[str, list[Block]]
-
-
-class _Prompt(Struct, kw_only=True):
-    model: str
-    messages: Annotated[list[Message], Meta(min_length=1)]
-    system: Union[str, list[TextBlock], None] = None
-    tools: Union[list[dict], None] = None
-
-
-class CountTokensRequest(_Prompt, kw_only=True):
-    pass
-
-
-class MessagesRequest(_Prompt, kw_only=True):
-    max_tokens: Annotated[int, Meta(ge=0)]
-    stop_sequences: Union[list[str], None] = None
-    stream: bool = False
-    temperature: Union[Annotated[float, Meta(ge=0.0, le=1.0)], None] = None
-    top_p: Union[Annotated[float, Meta(ge=0.0, le=1.0)], None] = None
-    top_k: Union[Annotated[int, Meta(ge=0)], None] = None
-    priority: Union[int, None] = None
-
-
-_messages_decoder = msgspec.json.Decoder(MessagesRequest)
-_count_decoder = msgspec.json.Decoder(CountTokensRequest)
-
-
-def _block_text(content: Union[str, list], where: str) -> str:
-    if isinstance(content, str):
-        return content
-    parts = []
-    for i, block in enumerate(content):
-        if isinstance(block, _UNSUPPORTED_BLOCKS):
-            kind = type(block).__struct_config__.tag
-            raise unsupported(f"content blocks of type '{kind}' are", param=f"{where}[{i}].type")
-        if not isinstance(block, _SKIPPED_BLOCKS):
-            parts.append(block.text)
-    return "\n".join(parts)
-
-
-def breakpoint_messages(body: _Prompt) -> list[ChatMessage] | None:
-    """The conversation cut after the last block marked with cache_control (None: no mark)."""
-    system = body.system if isinstance(body.system, list) else []
-    cut = None
-    for j, block in enumerate(system):
-        if block.cache_control is not None:
-            cut = (-1, j)
-    for i, message in enumerate(body.messages):
-        if isinstance(message.content, list):
-            for j, block in enumerate(message.content):
-                if getattr(block, "cache_control", None) is not None:
-                    cut = (i, j)
-    if cut is None:
-        return None
-    i, j = cut
-    if i < 0:
-        return [ChatMessage("system", _block_text(system[: j + 1], "system"))]
-    head = chat_messages(body)[: i + (1 if body.system else 0)]
-    message = body.messages[i]
-    return head + [ChatMessage(message.role, _block_text(message.content[: j + 1], f"messages[{i}].content"))]
-
-
-def chat_messages(body: _Prompt) -> list[ChatMessage]:
-    """The conversation as template-ready messages; unsupported features are a 400 naming the field."""
-    if body.tools:
-        raise unsupported("tools are", param="tools")
-    out = []
-    if body.system:
-        out.append(ChatMessage("system", _block_text(body.system, "system")))
-    for i, message in enumerate(body.messages):
-        if message.role == "system" and any(m.role != "system" for m in body.messages[:i]):
-            raise invalid("system messages may only come first; use the top-level system field",
-                          param=f"messages[{i}].role")
-        out.append(ChatMessage(message.role, _block_text(message.content, f"messages[{i}].content")))
-    if out[-1].role == "assistant" and out[-1].content != out[-1].content.rstrip():
-        raise invalid("final assistant content cannot end with trailing whitespace",
-                      param=f"messages[{len(body.messages) - 1}].content")
-    return out
 
 
 def usage(seq: Sequence) -> dict:
@@ -156,26 +51,44 @@ def usage(seq: Sequence) -> dict:
     }
 
 
-def _message(body: MessagesRequest, msg_id: str, content: list, seq: Sequence, final: bool = True) -> dict:
+def _stop_reason(seq: Sequence, scanner: CallScanner | None) -> str | None:
+    finished = seq.finished
+    if scanner is not None and scanner.done:  # stopped at a repeated call
+        return "tool_use"
+    if finished is None:
+        return None
+    if scanner is not None and scanner.calls and finished.reason is FinishReason.END:
+        return "tool_use"
+    return STOP_REASONS.get(finished.reason)
+
+
+def _message(body: MessagesRequest, msg_id: str, content: list, seq: Sequence,
+             scanner: CallScanner | None = None, final: bool = True) -> dict:
     """The Message object; message_start sends it with final=False (no stop reason yet)."""
     finished = seq.finished if final else None
+    final = final and (finished is not None or bool(scanner and scanner.done))
     return {
         "id": msg_id,
         "type": "message",
         "role": "assistant",
         "model": body.model,
         "content": content,
-        "stop_reason": STOP_REASONS.get(finished.reason) if finished else None,
+        "stop_reason": _stop_reason(seq, scanner) if final else None,
         "stop_sequence": finished.stop_sequence if finished else None,
         "usage": usage(seq),
     }
 
 
+def _tool_use(call: ToolCall) -> dict:
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
-    body = decode_body(await request.read(), _messages_decoder)
+    body = decode_body(await request.read(), messages_decoder)
     sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k)
     tenant, agent = identity(request)
+    tools, choice = parse_tools(body)
     gen = Generation(
         messages=chat_messages(body),
         max_tokens=body.max_tokens,
@@ -187,45 +100,97 @@ async def messages(request: web.Request) -> web.StreamResponse:
         agent=agent,
         breakpoint=breakpoint_messages(body),
         rate_key=rate_key(request),
+        tools=tuple(tools),
+        tool_choice=choice,
     )
     seq = await service.start(gen)
     try:
         msg_id = "msg_" + secrets.token_hex(12)
+        scanner = CallScanner(service.tool_format, tools, "toolu_") if tools else None
         if body.stream:
-            return await _stream(request, body, seq, msg_id)
-        text = await seq.text()
-        if seq.finished.reason not in STOP_REASONS:
+            return await _stream(request, body, seq, msg_id, scanner, service.scheduler.abort)
+        events = await collect(seq.stream(), scanner)
+        if scanner and scanner.done:
+            service.scheduler.abort(seq)  # stopped at a repeated call: free the slot, keep the KV
+        elif seq.finished.reason not in STOP_REASONS:
             raise failure(seq.finished)
-        return web.json_response(_message(body, msg_id, [{"type": "text", "text": text}], seq))
+        content = [{"type": "text", "text": e.text} if isinstance(e, Text) else _tool_use(e.call) for e in events]
+        return web.json_response(_message(body, msg_id, content or [{"type": "text", "text": ""}], seq, scanner))
     finally:
         note_usage(request, [seq])
         service.release(seq)
 
 
-async def _stream(request: web.Request, body: MessagesRequest, seq: Sequence, msg_id: str):
+class _Blocks:
+    """Content blocks of a streamed message, opened and closed in order with sequential indices."""
+
+    def __init__(self, write):
+        self.write = write
+        self.index = -1
+        self.text_open = False
+
+    async def _send(self, event: dict) -> None:
+        await self.write(sse.frame(event, event["type"]))
+
+    async def _start(self, block: dict) -> None:
+        self.index += 1
+        await self._send({"type": "content_block_start", "index": self.index, "content_block": block})
+
+    async def text(self, text: str) -> None:
+        if not self.text_open:
+            await self._start({"type": "text", "text": ""})
+            self.text_open = True
+        if text:
+            await self._send({"type": "content_block_delta", "index": self.index,
+                              "delta": {"type": "text_delta", "text": text}})
+
+    async def tool_use(self, call: ToolCall) -> None:
+        await self.close()
+        await self._start({**_tool_use(call), "input": {}})
+        await self._send({"type": "content_block_delta", "index": self.index,
+                          "delta": {"type": "input_json_delta", "partial_json": call.arguments_json()}})
+        await self._send({"type": "content_block_stop", "index": self.index})
+
+    async def emit(self, events: list) -> None:
+        for event in events:
+            await (self.text(event.text) if isinstance(event, Text) else self.tool_use(event.call))
+
+    async def close(self) -> None:
+        if self.text_open:
+            await self._send({"type": "content_block_stop", "index": self.index})
+            self.text_open = False
+
+    async def finish(self) -> None:
+        """Close the open block; a message always has at least one (an empty text block)."""
+        if self.index < 0:
+            await self.text("")
+        await self.close()
+
+
+async def _stream(request: web.Request, body: MessagesRequest, seq: Sequence, msg_id: str,
+                  scanner: CallScanner | None, stop):
     response = await sse.open_stream(request)
     write = response.write
     start = _message(body, msg_id, [], seq, final=False)
     await write(sse.frame({"type": "message_start", "message": start}, "message_start"))
-    await write(sse.frame(
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        "content_block_start",
-    ))
+    blocks = _Blocks(write)
+    if scanner is None:
+        await blocks.text("")  # plain text: the block opens at once, before the first token
     await write(sse.frame({"type": "ping"}, "ping"))
-    async for delta in seq.stream():
-        await write(sse.frame(
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": delta}},
-            "content_block_delta",
-        ))
+    async for events in scanned(seq.stream(), scanner):
+        await blocks.emit(events)
     finished = seq.finished
-    if finished.reason not in STOP_REASONS:
+    if scanner and scanner.done:
+        stop(seq)  # stopped at a repeated call: free the slot, keep the KV
+    elif finished.reason not in STOP_REASONS:
         await write(sse.frame(anthropic_body(failure(finished)), "error"))
         return response
-    await write(sse.frame({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+    await blocks.finish()
     await write(sse.frame(
         {
             "type": "message_delta",
-            "delta": {"stop_reason": STOP_REASONS[finished.reason], "stop_sequence": finished.stop_sequence},
+            "delta": {"stop_reason": _stop_reason(seq, scanner),
+                      "stop_sequence": finished.stop_sequence if finished else None},
             "usage": usage(seq),
         },
         "message_delta",
@@ -237,8 +202,9 @@ async def _stream(request: web.Request, body: MessagesRequest, seq: Sequence, ms
 
 async def count_tokens(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    body = decode_body(await request.read(), _count_decoder)
-    prompt_ids = await service.tokenize(chat_messages(body), continue_final=True)
+    body = decode_body(await request.read(), count_decoder)
+    tools, _ = parse_tools(body)
+    prompt_ids = await service.tokenize(chat_messages(body), continue_final=True, tools=tools)
     return web.json_response({"input_tokens": len(prompt_ids)})
 
 

@@ -6,123 +6,38 @@ import asyncio
 import secrets
 import time
 from dataclasses import replace
-from typing import Annotated, Literal, Union
 
-import msgspec
 from aiohttp import web
-from msgspec import Meta, Struct
 
 from semcache import sse
-from semcache.chat import ChatMessage
-from semcache.errors import invalid, openai_body, unsupported
+from semcache.errors import invalid, openai_body
 from semcache.identity import identity, note_usage, priority, rate_key
 from semcache.keys import SERVICE
+from semcache.openai_request import (  # noqa: F401  (re-exported: agents.py, tests)
+    MAX_CHOICES,
+    ChatRequest,
+    Message,
+    chat_decoder,
+    chat_messages,
+    check,
+    parse_tools,
+    response_json,
+)
 from semcache.sequence import FinishReason, SamplingParams, Sequence
 from semcache.serving import Generation, decode_body, failure
+from semcache.tools import (
+    CallScanner,
+    Text,
+    ToolCall,
+    ToolChoice,
+    collect,
+)
 
 FINISH_REASONS = {
     FinishReason.END: "stop",
     FinishReason.STOP_SEQUENCE: "stop",
     FinishReason.LENGTH: "length",
 }
-MAX_CHOICES = 16
-_ROLES = {"developer": "system", "system": "system", "user": "user", "assistant": "assistant"}
-
-
-class TextPart(Struct, tag="text"):
-    text: str
-
-
-class RefusalPart(Struct, tag="refusal"):
-    refusal: str
-
-
-class ImagePart(Struct, tag="image_url"):
-    pass
-
-
-class AudioPart(Struct, tag="input_audio"):
-    pass
-
-
-class FilePart(Struct, tag="file"):
-    pass
-
-
-Part = Union[TextPart, RefusalPart, ImagePart, AudioPart, FilePart]
-
-
-class Message(Struct, kw_only=True):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Union[str, list[Part], None] = None
-    tool_calls: Union[list[dict], None] = None
-
-
-class StreamOptions(Struct, kw_only=True):
-    include_usage: bool = False
-
-
-class ResponseFormat(Struct, kw_only=True):
-    type: str
-
-
-PositiveInt = Annotated[int, Meta(ge=1)]
-
-
-class ChatRequest(Struct, kw_only=True):
-    model: str
-    messages: Annotated[list[Message], Meta(min_length=1)]
-    max_tokens: Union[PositiveInt, None] = None
-    max_completion_tokens: Union[PositiveInt, None] = None
-    temperature: Union[Annotated[float, Meta(ge=0.0, le=2.0)], None] = None
-    top_p: Union[Annotated[float, Meta(ge=0.0, le=1.0)], None] = None
-    top_k: Union[Annotated[int, Meta(ge=-1)], None] = None
-    stop: Union[str, Annotated[list[str], Meta(max_length=4)], None] = None
-    stream: bool = False
-    stream_options: Union[StreamOptions, None] = None
-    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] = 1
-    seed: Union[int, None] = None
-    tools: Union[list[dict], None] = None
-    response_format: Union[ResponseFormat, None] = None
-    logprobs: Union[bool, None] = None
-    priority: Union[int, None] = None
-    continue_final_message: bool = False  # vLLM's extension: continue a trailing assistant message
-
-
-_decoder = msgspec.json.Decoder(ChatRequest)
-
-
-def _content_text(content: Union[str, list, None], where: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for i, part in enumerate(content):
-        if isinstance(part, (ImagePart, AudioPart, FilePart)):
-            kind = type(part).__struct_config__.tag
-            raise unsupported(f"content parts of type '{kind}' are", param=f"{where}[{i}].type")
-        parts.append(part.text if isinstance(part, TextPart) else part.refusal)
-    return "\n".join(parts)
-
-
-def chat_messages(body: ChatRequest) -> list[ChatMessage]:
-    """Template-ready messages; tools, tool turns and multimodal parts are a 400 for now."""
-    if body.tools:
-        raise unsupported("tools are", param="tools")
-    out = []
-    for i, message in enumerate(body.messages):
-        if message.role not in _ROLES or message.tool_calls:
-            raise unsupported(f"'{message.role}' messages and tool calls are", param=f"messages[{i}]")
-        out.append(ChatMessage(_ROLES[message.role], _content_text(message.content, f"messages[{i}].content")))
-    return out
-
-
-def _check(body: ChatRequest) -> None:
-    if body.stream_options is not None and not body.stream:
-        raise invalid("stream_options can only be set when stream is true", param="stream_options")
-    if body.logprobs:
-        raise unsupported("logprobs are", param="logprobs")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise unsupported(f"response_format '{body.response_format.type}' is", param="response_format")
 
 
 def usage(seqs: list[Sequence]) -> dict:
@@ -140,12 +55,14 @@ def usage(seqs: list[Sequence]) -> dict:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
-    body = decode_body(await request.read(), _decoder)
-    _check(body)
+    body = decode_body(await request.read(), chat_decoder)
+    check(body)
     max_tokens = body.max_completion_tokens or body.max_tokens or service.config.default_max_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k, body.seed)
     tenant, agent = identity(request)
+    tools, choice = parse_tools(body)
+    json_mode, json_schema = response_json(body)
     gen = Generation(
         messages=chat_messages(body),
         max_tokens=max_tokens,
@@ -156,6 +73,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         tenant=tenant,
         agent=agent,
         rate_key=rate_key(request),
+        tools=tuple(tools),
+        tool_choice=choice,
+        json_mode=json_mode,
+        json_schema=json_schema,
     )
     if body.n > service.config.max_active:
         raise invalid(f"n ({body.n}) is larger than max_active ({service.config.max_active})", param="n")
@@ -167,27 +88,60 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "model": body.model,
             "system_fingerprint": "fp_" + service.engine.info.fingerprint[:10],
         }
+        scanners = [CallScanner(service.tool_format, tools, "call_") if tools else None for _ in seqs]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(request, seqs, head, include_usage)
-        texts = await asyncio.gather(*(seq.text() for seq in seqs))
-        for seq in seqs:
-            if seq.finished.reason not in FINISH_REASONS:
+            return await _stream(request, seqs, head, include_usage, scanners, choice, service.scheduler.abort)
+        answers = await asyncio.gather(*(_collect(seq, scanner, service.scheduler.abort)
+                                         for seq, scanner in zip(seqs, scanners)))
+        for seq, scanner in zip(seqs, scanners):
+            if not (scanner and scanner.done) and seq.finished.reason not in FINISH_REASONS:
                 raise failure(seq.finished)
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": _message(events, scanner),
                 "logprobs": None,
-                "finish_reason": FINISH_REASONS[seq.finished.reason],
+                "finish_reason": _finish_reason(seq, scanner, choice),
             }
-            for i, (seq, text) in enumerate(zip(seqs, texts))
+            for i, (seq, events, scanner) in enumerate(zip(seqs, answers, scanners))
         ]
         return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage(seqs)})
     finally:
         note_usage(request, seqs)
         for seq in seqs:
             service.release(seq)
+
+
+def _finish_reason(seq: Sequence, scanner: CallScanner | None, choice: ToolChoice) -> str:
+    """"tool_calls" when the answer calls tools, except "stop" when tool_choice named the function
+    (as the real API does)."""
+    called = scanner is not None and (scanner.done or (scanner.calls and seq.finished.reason is FinishReason.END))
+    if called:
+        return "stop" if choice.mode == "tool" else "tool_calls"
+    return FINISH_REASONS[seq.finished.reason]
+
+
+def _function_call(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json()}}
+
+
+async def _collect(seq: Sequence, scanner: CallScanner | None, stop) -> list:
+    """The answer's events; a scanner that is done (a repeated call) stops the sequence early."""
+    events = await collect(seq.stream(), scanner)
+    if scanner is not None and scanner.done:
+        stop(seq)
+    return events
+
+
+def _message(events: list, scanner: CallScanner | None) -> dict:
+    content = "".join(e.text for e in events if isinstance(e, Text))
+    if scanner is None:
+        return {"role": "assistant", "content": content, "refusal": None}
+    message = {"role": "assistant", "content": content or (None if scanner.calls else ""), "refusal": None}
+    if scanner.calls:
+        message["tool_calls"] = [_function_call(c) for c in scanner.calls]
+    return message
 
 
 async def _start_choices(service, gen: Generation, n: int) -> list[Sequence]:
@@ -235,7 +189,24 @@ async def _merged(seqs: list[Sequence]):
             task.cancel()
 
 
-async def _stream(request: web.Request, seqs: list[Sequence], head: dict, include_usage: bool):
+def _deltas(events: list, scanner: CallScanner) -> list[dict]:
+    """Chunk deltas for scanned events: text as content; a call as its first fragment (index, id,
+    type, name, empty arguments), then its arguments."""
+    out = []
+    for event in events:
+        if isinstance(event, Text):
+            out.append({"content": event.text})
+            continue
+        call, index = event.call, scanner.calls.index(event.call)
+        first = {"index": index, **_function_call(call)}
+        first["function"] = {"name": call.name, "arguments": ""}
+        out.append({"tool_calls": [first]})
+        out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments_json()}}]})
+    return out
+
+
+async def _stream(request: web.Request, seqs: list[Sequence], head: dict, include_usage: bool,
+                  scanners: list[CallScanner | None], choice: ToolChoice, stop):
     response = await sse.open_stream(request)
     extra = {"usage": None} if include_usage else {}
 
@@ -245,15 +216,26 @@ async def _stream(request: web.Request, seqs: list[Sequence], head: dict, includ
 
     for index in range(len(seqs)):
         await response.write(chunk(index, {"role": "assistant", "content": ""}))
+    stopped: set[int] = set()  # choices that ended at a repeated tool call
     async for index, delta in _merged(seqs):
+        scanner = scanners[index]
+        if index in stopped:
+            continue
         if delta is not None:
-            await response.write(chunk(index, {"content": delta}))
+            for piece in _deltas(scanner.feed(delta), scanner) if scanner else [{"content": delta}]:
+                await response.write(chunk(index, piece))
+            if scanner is not None and scanner.done:
+                stopped.add(index)
+                await response.write(chunk(index, {}, _finish_reason(seqs[index], scanner, choice)))
+                stop(seqs[index])
             continue
         finished = seqs[index].finished
         if finished.reason not in FINISH_REASONS:
             await response.write(sse.frame(openai_body(failure(finished))))
             return response
-        await response.write(chunk(index, {}, FINISH_REASONS[finished.reason]))
+        for piece in _deltas(scanner.flush(), scanner) if scanner else []:
+            await response.write(chunk(index, piece))
+        await response.write(chunk(index, {}, _finish_reason(seqs[index], scanner, choice)))
     if include_usage:
         await response.write(sse.frame({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(seqs)}))
     await response.write(sse.DONE)

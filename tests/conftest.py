@@ -168,3 +168,19 @@ def make_client(aiohttp_client, tokenizer, tmp_path):
         return client
 
     return factory
+
+
+@pytest.fixture
+def claude(base_url):
+    """The anthropic SDK against the module's `base_url` fixture (a live server)."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=base_url, api_key="test", max_retries=0)
+
+
+@pytest.fixture
+def oai(base_url):
+    """The openai SDK against the module's `base_url` fixture (a live server)."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="test", max_retries=0)

@@ -279,15 +279,15 @@ class TestErrors:
         assert_openai_error(await r.json())
 
     async def test_unsupported_features_are_clear_400s(self, make_client):
-        """Images and tools are rejected as not supported yet, naming the field."""
+        """Images and server tools are rejected as not supported yet, naming the field."""
         client = await make_client()
         image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}
         req = {**MSG, "messages": [{"role": "user", "content": [image]}]}
         data = await (await client.post("/v1/messages", json=req)).json()
         assert_anthropic_error(data, "invalid_request_error", "not supported yet")
-        tools = [{"name": "t", "input_schema": {"type": "object"}}]
+        tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]
         data = await (await client.post("/v1/messages", json={**MSG, "tools": tools})).json()
-        assert_anthropic_error(data, "invalid_request_error", "tools")
+        assert_anthropic_error(data, "invalid_request_error", "server tools")
         parts = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
         r = await client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": parts}]})
         assert r.status == 400

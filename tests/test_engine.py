@@ -271,3 +271,40 @@ class TestCachedPrefix:
             for step in range(steps):
                 np.testing.assert_allclose(captured[seq_id][step], ref[step], atol=ATOL,
                                            err_msg=f"sequence {seq_id}, step {step}")
+
+
+class TestConstrainedSampling:
+    def test_a_constrained_row_follows_its_grammar_and_leaves_the_others_alone(self, engine, tokenizer):
+        """A tool_choice grammar on one row of a batch: that row writes exactly one valid call and then
+        EOS (a random model would never), the other rows decode as if alone."""
+        from dataclasses import replace
+
+        from semcache.grammar import Grammars
+        from semcache.tools import FALLBACK, CallScanner, Tool, ToolChoice
+
+        tool = Tool("pick", "", {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}},
+                                 "required": ["unit"], "additionalProperties": False})
+        constraint = Grammars(tokenizer, {2}).for_tools(FALLBACK, [tool], ToolChoice("tool", "pick", parallel=False))
+        ps = prompts(tokenizer)
+
+        def run():
+            tokens = {i: [] for i in range(3)}
+            params = [GREEDY, replace(GREEDY, constraint=constraint), GREEDY]
+            admit = [Admission(i, ps[i], params[i]) for i in range(3)]
+            for _ in range(40):
+                for k, v in engine.batcher.step(admit, []).tokens.items():
+                    tokens[k].append(v)
+                admit = []
+            engine.batcher.step([], [0, 1, 2])
+            return tokens
+
+        tokens = engine._executor.submit(run).result()
+        assert 2 in tokens[1], tokenizer.decode(tokens[1])
+        call = tokens[1][: tokens[1].index(2)]  # up to EOS
+        scanner = CallScanner(FALLBACK, [tool], "toolu_")
+        scanner.feed(tokenizer.decode(call))
+        scanner.flush()
+        assert [(c.name, set(c.arguments)) for c in scanner.calls] == [("pick", {"unit"})]
+        for i in (0, 2):
+            ref = engine._executor.submit(reference_logits, engine.model, ps[i], len(tokens[i])).result()
+            assert tokens[i] == [int(np.argmax(r)) for r in ref]

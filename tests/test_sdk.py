@@ -18,16 +18,6 @@ def base_url(tokenizer, tmp_path_factory):
         yield url
 
 
-@pytest.fixture
-def claude(base_url):
-    return anthropic.Anthropic(base_url=base_url, api_key="test", max_retries=0)
-
-
-@pytest.fixture
-def oai(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="test", max_retries=0)
-
-
 class TestAnthropicSDK:
     def test_create(self, claude):
         """messages.create parses the response into a Message."""
@@ -117,7 +107,7 @@ class TestOpenAISDK:
             oai.chat.completions.create(model="m", messages=USER, stream_options={"include_usage": True})
         with pytest.raises(openai.BadRequestError, match="tools"):
             oai.chat.completions.create(model="m", messages=USER, tools=[
-                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+                {"type": "function", "function": {"name": "bad name!", "parameters": {"type": "object"}}}])
 
     def test_agent_turn_two_reports_cached_tokens(self, oai):
         """With X-Agent-ID, turn 2's usage.prompt_tokens_details.cached_tokens covers turn 1."""
