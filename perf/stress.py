@@ -383,7 +383,7 @@ class Traffic:
 
 async def sustained(base: str, pid: int, duration: float, memory_budget: int, disk_budget: int,
                     concurrency: int = 6, population: int = 32, max_tokens: int = 8, seed: int = 0,
-                    rss_margin: float = 0.10, sample_every: float = 0.5) -> dict:
+                    rss_margin: float = 0.10) -> dict:
     """`concurrency` agent loops (see Traffic) for `duration` seconds, streamed or not at random,
     while RSS, the cache gauges and the engine's step times are sampled. Before the clock starts,
     every agent of the population takes one turn, so the run does not begin with a cold cache."""
@@ -409,7 +409,7 @@ async def sustained(base: str, pid: int, duration: float, memory_budget: int, di
                     results.append(await turn(session, base, agent, max_tokens, traffic.rng.random() < 0.5))
                 traffic.retire(agent)
 
-        sampler = asyncio.create_task(_sample(base, pid, start, sample_every, samples))
+        sampler = asyncio.create_task(_sample(base, pid, start, 0.5, samples))
         await asyncio.gather(*(loop() for _ in range(concurrency)))
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
@@ -476,7 +476,7 @@ def _sustained_report(results: list[dict], samples: list[dict], w: Windows, memo
                                  "writing": max((s["writing"] for s in samples), default=0),
                                  "memory_plus_writing": max((s["memory"] + s["writing"] for s in samples), default=0)},
             "budgets": {"memory": memory_budget, "disk": disk_budget}, "largest_memory_entry": largest,
-            "errors": errors[:20], "samples": samples, "checks": checks,
+            "errors": errors[:20], "samples_every_2s": samples[::4], "checks": checks,
             "results": [{k: r[k] for k in ("start", "seconds", "status", "stream", "turn", "cached")} for r in results]}
 
 
@@ -640,8 +640,30 @@ def main(args) -> dict:
                                                                       "loadavg_after": os.getloadavg()}
             print(f"  checks: {parts[part]['checks']}", flush=True)
     report = {"benchmark": "stress", "machine": machine_info(), "summary": summarise(parts), "parts": parts}
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(to_json(rounded(report)) + "\n")
     return report
+
+
+def rounded(value):
+    """Floats to 4 decimals, everywhere in a report."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v) for v in value]
+    return value
+
+
+def to_json(value, depth: int = 0) -> str:
+    """Indented JSON, except that each row of a list of objects (samples, requests) is one line."""
+    pad, end = "  " * (depth + 1), "\n" + "  " * depth
+    if isinstance(value, dict) and value:
+        items = (f"{pad}{json.dumps(k)}: {to_json(v, depth + 1)}" for k, v in value.items())
+        return "{\n" + ",\n".join(items) + end + "}"
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return "[\n" + ",\n".join(pad + json.dumps(v) for v in value) + end + "]"
+    return json.dumps(value)
 
 
 def summarise(parts: dict) -> dict:

@@ -146,6 +146,8 @@ def _message(events: list, scanner: CallScanner | None) -> dict:
 
 async def _start_choices(service, gen: Generation, n: int) -> list[Sequence]:
     """n sequences for n choices (seeded ones get seed, seed+1, ...); all queued or none."""
+    if n == 1:  # no task: a refusal comes back in the same event-loop pass
+        return [await service.start(gen)]
     gens = [gen]
     for i in range(1, n):
         seed = None if gen.sampling.seed is None else gen.sampling.seed + i

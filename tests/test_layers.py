@@ -14,6 +14,12 @@ FORBIDDEN = {
     "sequence": {"aiohttp", "mlx", "mlx_lm"},
     "chat": {"aiohttp", "asyncio", "mlx"},
     "scheduler": {"aiohttp"},
+    "waiting": {"aiohttp", "mlx", "mlx_lm"},
+    "running": {"aiohttp", "mlx", "mlx_lm"},
+    # tool use: formats and parsing are pure (mlx-lm only for its tool_parsers); grammars only touch
+    # numpy and llguidance
+    "tools": {"aiohttp", "asyncio", "mlx"},
+    "grammar": {"aiohttp", "asyncio", "mlx", "mlx_lm"},
     "serving": {"aiohttp"},
     "engine": {"aiohttp"},
     "batch": {"aiohttp", "asyncio"},
