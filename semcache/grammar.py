@@ -88,7 +88,6 @@ class Constraint:
 
     def __init__(self, matcher: Any, vocab: int):
         self._matcher = matcher
-        self._vocab = vocab
         words = (vocab + 31) // 32
         self._bits = np.zeros(words, dtype=np.int32)
 
@@ -106,9 +105,6 @@ class Constraint:
         """Record a sampled token; False if the grammar rejects it (it cannot, when masked)."""
         return bool(self._matcher.consume_token(int(token)))
 
-    @property
-    def finished(self) -> bool:
-        return bool(self._matcher.is_stopped())
 
 
 class Grammars:

@@ -10,15 +10,8 @@ from msgspec import Meta, Struct
 
 from semcache.chat import ChatMessage
 from semcache.errors import invalid, unsupported
-from semcache.tools import (
-    Tool,
-    ToolCall,
-    ToolChoice,
-    check_answers,
-    check_unique,
-    make_choice,
-    make_tool,
-)
+from semcache.toolrequest import check_answers, check_unique, make_choice, make_tool
+from semcache.tools import Tool, ToolCall, ToolChoice
 
 MAX_CHOICES = 16
 _ROLES = {"developer": "system", "system": "system", "user": "user", "assistant": "assistant"}

@@ -20,6 +20,7 @@ FORBIDDEN = {
     # numpy and llguidance
     "tools": {"aiohttp", "asyncio", "mlx"},
     "grammar": {"aiohttp", "asyncio", "mlx", "mlx_lm"},
+    "toolrequest": {"aiohttp", "asyncio", "mlx", "mlx_lm"},
     "serving": {"aiohttp"},
     "engine": {"aiohttp"},
     "batch": {"aiohttp", "asyncio"},
