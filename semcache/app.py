@@ -21,7 +21,7 @@ from semcache.kvcache import AgentCache, CacheLimits
 from semcache.metrics import Metrics
 from semcache.scheduler import Limits, Scheduler
 from semcache.store import CacheDirLocked
-from semcache.serving import Service
+from semcache.serving import Service, settle_heap
 
 log = logging.getLogger("semcache")
 
@@ -142,6 +142,7 @@ async def _load_and_run(app: web.Application, service: Service) -> None:
     try:
         if cache is not None:
             await cache.open(info.fingerprint)
+        settle_heap()
         service.scheduler.ready = True
         log.info("ready")
         await asyncio.gather(service.scheduler.run(), _expire_loop(cache))

@@ -548,11 +548,13 @@ def send_raw_once(daemon: Client, path: str, body: bytes):
 
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/v1/agents/a/warm", "/admin/model"])
 def test_invalid_utf8_in_a_string_is_a_400(daemon, path):
-    """msgspec raises UnicodeDecodeError (not DecodeError) for bad UTF-8 inside a string: was a 500."""
+    """Bad UTF-8 inside a string was a 500 (msgspec 0.19 raised UnicodeDecodeError), and msgspec
+    0.23 words it differently: the daemon says it in its own words, with the byte offset."""
     body = b'{"model": "m\xff", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}'
     status, headers, data = daemon.send("POST", path, body, {"x-api-key": ADMIN_KEY})
     assert status == 400
-    assert "not valid UTF-8" in check_error(status, headers, data, path == "/v1/messages")["message"]
+    message = check_error(status, headers, data, path == "/v1/messages")["message"]
+    assert message == "the request body is not valid UTF-8: byte 12 cannot start or continue a character"
 
 
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/v1/agents/a/warm", "/admin/model"])

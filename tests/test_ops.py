@@ -272,7 +272,7 @@ class TestMetricsAndLogs:
                      "semcache_process_max_resident_memory_bytes", "semcache_cache_bytes"):
             assert name in text
 
-    @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
+    @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed: `make test` installs it as root, else run `sudo apt-get install prometheus`")
     async def test_promtool_accepts_the_metrics(self, make_client):
         """promtool check metrics finds no problems in /metrics."""
         client = await make_client()

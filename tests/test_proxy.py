@@ -32,7 +32,7 @@ from tests.conftest import free_port
 ROOT = Path(__file__).parent.parent
 SHIPPED = ROOT / "config" / "nginx.conf"
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs Debian's nginx)")
+pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed: `make test` installs it as root, else run `sudo apt-get install nginx`")
 
 TOPICS = ["astronomy", "baking", "canoeing", "dominoes", "embroidery", "falconry", "geology", "harmonica",
           "ikebana", "juggling", "knitting", "lacrosse", "mosaics", "navigation", "origami", "pottery"]

@@ -234,7 +234,7 @@ def test_readme_documents_install_and_signals():
 # --- systemd-analyze -----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed: `make test` installs it as root, else run `sudo apt-get install systemd`")
 def test_systemd_analyze_verify(tmp_path, service):
     """`systemd-analyze verify` reports nothing about the unit (ExecStart pointed at this machine's semcache if needed)."""
     unit_file = UNIT

@@ -14,6 +14,7 @@ Which daemon each test uses, and why:
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 
@@ -86,6 +87,15 @@ class TestQueuePlaces:
         assert statuses.count(200) == 5 and len(tokenized) == 5, (statuses, len(tokenized))
         refused = [r for r in responses if r.status != 200]
         assert {r.status for r in refused} <= {503, 529} and all("Retry-After" in r.headers for r in refused)
+
+
+    async def test_a_ready_daemon_keeps_its_start_up_heap_out_of_collections(self, make_client, tokenizer):
+        """Once loaded, the start-up heap is frozen, so a full collection during a burst scans only
+        what requests allocated instead of pausing the event loop for the whole model's objects."""
+        gc.unfreeze()
+        client = await make_client(FakeEngine(tokenizer))
+        assert client.app[SERVICE].loaded
+        assert gc.get_freeze_count() > 1000
 
 
 class TestDisconnectStorm:
