@@ -165,7 +165,7 @@ def run_agents(workdir: Path, agents: int, max_tokens: int, budget: str) -> dict
 
 
 def _size(text: str) -> int:
-    from semcache.config import parse_size
+    from semcache.ops.config import parse_size
 
     return parse_size(text)
 
@@ -175,10 +175,10 @@ def disk_load(workdir: Path, tokens: int = 2000, repeats: int = 5) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from semcache import store
-    from semcache.batchkv import restore
-    from semcache.kvcache import _read_entry
-    from semcache.kvdata import KVData
+    from semcache.cache import entryfile as store
+    from semcache.engine.batchkv import restore
+    from semcache.cache.index import _read_entry
+    from semcache.cache.kvdata import KVData
 
     layers, heads, dim = 30, 3, 64  # SmolLM2-135M
     rng = np.random.default_rng(0)

@@ -155,7 +155,7 @@ def daemon_config(cache_dir: Path, port: int) -> dict:
     """The effective config of the daemon about to start (it inherits this environment); secrets left out."""
     import msgspec
 
-    from semcache.config import load_config
+    from semcache.ops.config import load_config
 
     config = msgspec.to_builtins(load_config(overrides={"cache_dir": str(cache_dir), "port": port}))
     for secret in ("api_keys", "api_keys_file", "admin_key"):

@@ -18,8 +18,8 @@ ENCODINGS = ("native", "int8", "int4")
 
 
 def greedy(batcher, seq_id: int, prompt: list[int], steps: int, prefix=None) -> list[int]:
-    from semcache.batch import Admission
-    from semcache.sequence import SamplingParams
+    from semcache.engine.batch import Admission
+    from semcache.scheduler.sequence import SamplingParams
 
     admit = [Admission(seq_id, prompt, SamplingParams(temperature=0.0), prefix=prefix)]
     out: list[int] = []
@@ -33,10 +33,10 @@ def run(out: Path, prompts: int = 10, steps: int = 32) -> dict:
     import numpy as np
 
     import semcache  # noqa: F401  (OpenBLAS first)
-    from semcache.batch import Batcher
-    from semcache.chat import ChatMessage, PromptRenderer
-    from semcache.kvdata import KVData
-    from semcache.models import load_model
+    from semcache.engine.batch import Batcher
+    from semcache.text.chat import ChatMessage, PromptRenderer
+    from semcache.cache.kvdata import KVData
+    from semcache.engine.models import load_model
 
     loaded = load_model(None)
     batcher = Batcher(loaded.model, 256)

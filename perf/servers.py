@@ -71,7 +71,7 @@ def export_embedded(dest: Path) -> Path:
     import mlx.nn as nn
 
     import semcache  # noqa: F401  (loads OpenBLAS before mlx is used)
-    from semcache.models import load_model
+    from semcache.engine.models import load_model
 
     if (dest / "model.safetensors").exists():
         return dest

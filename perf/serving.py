@@ -50,8 +50,8 @@ class BareLoop:
 
     def __init__(self):
         import semcache  # noqa: F401
-        from semcache.chat import ChatMessage, PromptRenderer
-        from semcache.models import load_model
+        from semcache.text.chat import ChatMessage, PromptRenderer
+        from semcache.engine.models import load_model
 
         self.loaded = load_model(None)
         self.render = lambda p: PromptRenderer(self.loaded.tokenizer).render([ChatMessage("user", p)])

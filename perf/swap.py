@@ -30,7 +30,7 @@ def models(base: str) -> list[str]:
 
 
 def run(out: Path, runs: int = 3) -> dict:
-    from semcache.models import embedded_model_path
+    from semcache.engine.models import embedded_model_path
 
     gguf = str(embedded_model_path())
     swaps = []

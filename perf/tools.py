@@ -37,8 +37,8 @@ def main(args) -> dict:
 
 
 def libraries(tokenizer) -> dict:
-    from semcache.grammar import Grammars
-    from semcache.tools import FALLBACK, Tool, ToolCall, ToolChoice, call_text
+    from semcache.text.grammar import Grammars
+    from semcache.text.tools import FALLBACK, Tool, ToolCall, ToolChoice, call_text
 
     tool = Tool("search", "Search the web", SCHEMA)
     target = tokenizer.encode(call_text([ToolCall("x", "search", ARGUMENTS)]), add_special_tokens=False)
@@ -87,12 +87,12 @@ def decode(runs: int, tokens: int) -> dict:
     import asyncio
     from dataclasses import replace
 
-    from semcache.batch import Admission
-    from semcache.chat import ChatMessage, PromptRenderer
-    from semcache.engine import MLXEngine
-    from semcache.grammar import Grammars
-    from semcache.sequence import SamplingParams
-    from semcache.tools import FALLBACK, Tool, ToolChoice
+    from semcache.engine.batch import Admission
+    from semcache.text.chat import ChatMessage, PromptRenderer
+    from semcache.engine.engine import MLXEngine
+    from semcache.text.grammar import Grammars
+    from semcache.scheduler.sequence import SamplingParams
+    from semcache.text.tools import FALLBACK, Tool, ToolChoice
 
     engine = MLXEngine(None)
     asyncio.run(engine.load())
@@ -128,7 +128,7 @@ def decode(runs: int, tokens: int) -> dict:
 
 def run(runs: int = 5, tokens: int = 64) -> dict:
     import semcache  # noqa: F401  (OpenBLAS before MLX)
-    from semcache.models import embedded_model_path, load_gguf_tokenizer
+    from semcache.engine.models import embedded_model_path, load_gguf_tokenizer
 
     libs = libraries(load_gguf_tokenizer(embedded_model_path()))
     e2e = decode(runs, tokens)

@@ -10,8 +10,10 @@ import signal
 import socket
 import sys
 
-from semcache import __version__, cli, logs
-from semcache.config import Config, ConfigError, load_config
+from semcache import __version__
+
+from semcache.ops import cli, logs
+from semcache.ops.config import Config, ConfigError, load_config
 
 log = logging.getLogger("semcache")
 
@@ -49,8 +51,8 @@ async def serve(config: Config) -> int:
     """Bind first, then load the model in the background; exit 0 on SIGTERM/SIGINT, 1 if loading fails."""
     from aiohttp import web
 
-    from semcache.app import BOUND, LOAD_TASK, make_app
-    from semcache.keys import KEYRING, SERVICE
+    from semcache.http.app import BOUND, LOAD_TASK, make_app
+    from semcache.http.appkeys import KEYRING, SERVICE
 
     app = make_app(config)
     app[BOUND] = asyncio.Event()
@@ -96,7 +98,7 @@ async def serve(config: Config) -> int:
 async def drain(app, site, timeout: float) -> None:
     """Stop listening at once (a proxy sends new connections elsewhere), refuse queued and new
     requests (overloaded, Retry-After), let running ones finish for up to `timeout` seconds."""
-    from semcache.keys import INFLIGHT, SERVICE
+    from semcache.http.appkeys import INFLIGHT, SERVICE
 
     scheduler = app[SERVICE].scheduler
     scheduler.draining = True
@@ -122,7 +124,7 @@ def loop_time() -> float:
 
 
 def _reload_keys(app) -> None:
-    from semcache.keys import KEYRING
+    from semcache.http.appkeys import KEYRING
 
     try:
         app[KEYRING].reload()

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from semcache.batch import Admission, StepResult
-from semcache.config import Config
-from semcache.engine import ModelInfo
-from semcache.kvdata import KVData
+from semcache.engine.batch import Admission, StepResult
+from semcache.ops.config import Config
+from semcache.engine.engine import ModelInfo
+from semcache.cache.kvdata import KVData
 
 FAKE_REPLY = "The quick brown fox jumps over the lazy dog."
 EOS = 2
@@ -23,7 +23,7 @@ EOS = 2
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from semcache.models import embedded_model_path, load_gguf_tokenizer
+    from semcache.engine.models import embedded_model_path, load_gguf_tokenizer
 
     return load_gguf_tokenizer(embedded_model_path())
 
@@ -89,7 +89,7 @@ class FakeEngine:
 
     async def swap(self, spec: str) -> None:
         """Another fake model: fails for "missing", else reports `spec` as its id and fingerprint."""
-        from semcache.errors import ModelLoadError
+        from semcache.ops.errors import ModelLoadError
 
         await asyncio.sleep(0.01)
         if spec == "missing":
@@ -119,7 +119,7 @@ def free_port() -> int:
 
 
 async def wait_ready(app: web.Application, timeout: float = 10.0) -> None:
-    from semcache.keys import SERVICE
+    from semcache.http.appkeys import SERVICE
 
     service = app[SERVICE]
     for _ in range(int(timeout / 0.01)):
@@ -157,7 +157,7 @@ def serve_in_thread(app: web.Application):
 @pytest.fixture
 def make_client(aiohttp_client, tokenizer, tmp_path):
     """Build an app on a FakeEngine with config overrides and return a ready test client."""
-    from semcache.app import make_app
+    from semcache.http.app import make_app
 
     async def factory(engine=None, clock=None, **overrides):
         engine = engine or FakeEngine(tokenizer)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from semcache.keys import SERVICE
+from semcache.http.appkeys import SERVICE
 from tests.conftest import FakeEngine
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}

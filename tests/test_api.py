@@ -408,8 +408,8 @@ class TestCapacity:
 
     async def test_loading_model_refuses_and_health_says_starting(self, aiohttp_client, tokenizer, tmp_path):
         """While the model loads: startup/ready 503, live 200, API requests 529/503 with Retry-After."""
-        from semcache.app import make_app
-        from semcache.config import Config
+        from semcache.http.app import make_app
+        from semcache.ops.config import Config
 
         client = await aiohttp_client(make_app(Config(cache_dir=str(tmp_path)), engine=FakeEngine(tokenizer, load_delay=30)))
         assert (await client.get("/health/live")).status == 200

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from semcache.blas import kernel_family
+from semcache.engine.blas import kernel_family
 
 
 def test_kernel_family_from_flags():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import anthropic
 import pytest
 
-from semcache.app import make_app
-from semcache.config import Config
+from semcache.http.app import make_app
+from semcache.ops.config import Config
 from tests.conftest import serve_in_thread
 
 pytestmark = pytest.mark.model

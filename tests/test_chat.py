@@ -1,6 +1,6 @@
 """Prompt rendering, incremental detokenizing and stop-string matching."""
 
-from semcache.chat import ChatMessage, Detokenizer, PromptRenderer, StopMatcher
+from semcache.text.chat import ChatMessage, Detokenizer, PromptRenderer, StopMatcher
 
 
 class TestDetokenizer:
@@ -70,7 +70,7 @@ class TestPromptRenderer:
         """GGUF files without a template get ChatML."""
         from copy import deepcopy
 
-        from semcache.gguf import CHATML_TEMPLATE
+        from semcache.engine.gguf import CHATML_TEMPLATE
 
         tok = deepcopy(tokenizer)
         tok.chat_template = CHATML_TEMPLATE

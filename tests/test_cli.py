@@ -1,4 +1,4 @@
-"""The client commands (semcache.cli): mocked answers with aioresponses, then against a live daemon."""
+"""The client commands (semcache.ops.cli): mocked answers with aioresponses, then against a live daemon."""
 
 import argparse
 import inspect
@@ -14,9 +14,9 @@ from aiohttp import ClientResponse
 from aioresponses import aioresponses
 from yarl import URL
 
-from semcache.app import make_app
-from semcache.cli import add_commands, ago, human_bytes, run
-from semcache.config import Config
+from semcache.http.app import make_app
+from semcache.ops.cli import add_commands, ago, human_bytes, run
+from semcache.ops.config import Config
 from tests.conftest import FakeEngine, free_port, serve_in_thread
 
 URL_ = "http://daemon.test:8000"

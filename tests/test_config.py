@@ -2,7 +2,7 @@
 
 import pytest
 
-from semcache.config import ConfigError, load_config, parse_size
+from semcache.ops.config import ConfigError, load_config, parse_size
 
 
 class TestConfig:

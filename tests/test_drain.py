@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from semcache import store
+from semcache.cache import entryfile as store
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]

@@ -148,7 +148,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
 
 def first_difference(got: str, want: str) -> str:
     """Where two answers part: the first differing token (by the model's tokenizer) and character."""
-    from semcache.models import embedded_model_path, load_gguf_tokenizer
+    from semcache.engine.models import embedded_model_path, load_gguf_tokenizer
 
     tok = load_gguf_tokenizer(embedded_model_path())
     a, b = tok.encode(got, add_special_tokens=False), tok.encode(want, add_special_tokens=False)
@@ -168,8 +168,8 @@ def plain_loop():
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from semcache.chat import ChatMessage, PromptRenderer
-    from semcache.models import load_model
+    from semcache.text.chat import ChatMessage, PromptRenderer
+    from semcache.engine.models import load_model
 
     loaded = load_model(None)
     renderer = PromptRenderer(loaded.tokenizer)

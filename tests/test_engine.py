@@ -11,10 +11,10 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from semcache.batch import Admission
-from semcache.engine import MLXEngine, kv_bytes_per_token
-from semcache.models import LoadedModel
-from semcache.sequence import SamplingParams
+from semcache.engine.batch import Admission
+from semcache.engine.engine import MLXEngine, kv_bytes_per_token
+from semcache.engine.models import LoadedModel
+from semcache.scheduler.sequence import SamplingParams
 
 ATOL = 1e-4
 GREEDY = SamplingParams(temperature=0.0)
@@ -168,8 +168,8 @@ class TestTinyModel:
 
     def test_top_p_zero_is_greedy(self, engine, tokenizer):
         """top_p=0 keeps only the most likely token, at any temperature."""
-        from semcache.batch import Row
-        from semcache.sampling import sample_row
+        from semcache.engine.batch import Row
+        from semcache.engine.sampling import sample_row
 
         logits = mx.array([[0.0, 5.0, 1.0, 2.0]])
         row = Row(1, SamplingParams(temperature=1.0, top_p=0.0, seed=3))
@@ -279,8 +279,8 @@ class TestConstrainedSampling:
         EOS (a random model would never), the other rows decode as if alone."""
         from dataclasses import replace
 
-        from semcache.grammar import Grammars
-        from semcache.tools import FALLBACK, CallScanner, Tool, ToolChoice
+        from semcache.text.grammar import Grammars
+        from semcache.text.tools import FALLBACK, CallScanner, Tool, ToolChoice
 
         tool = Tool("pick", "", {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}},
                                  "required": ["unit"], "additionalProperties": False})

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from semcache import store
-from semcache.keys import SERVICE
+from semcache.cache import entryfile as store
+from semcache.http.appkeys import SERVICE
 from tests.conftest import FAKE_REPLY, free_port
 
 CACHE = {"cache_min_prefix": 16}
@@ -444,7 +444,7 @@ class TestReadErrors:
 
 def _gguf_cut(fraction: float):
     def make(tmp_path: Path) -> Path:
-        from semcache.models import embedded_model_path
+        from semcache.engine.models import embedded_model_path
 
         data = embedded_model_path().read_bytes()
         path = tmp_path / "cut.gguf"
@@ -467,7 +467,7 @@ def _folder(damage):
         import mlx.core as mx
         import mlx.nn as nn
 
-        from semcache.models import embedded_model_path, load_gguf_tokenizer
+        from semcache.engine.models import embedded_model_path, load_gguf_tokenizer
         from tests.test_engine import tiny_model
 
         folder = tmp_path / "tiny-llama"

@@ -17,11 +17,11 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, seed, settings, strategies as st
 
-from semcache.anthropic import CountTokensRequest, chat_messages as anthropic_chat_messages
-from semcache.app import make_app
-from semcache.chat import ChatMessage, StopMatcher, merge_turns
-from semcache.config import Config
-from semcache.errors import ApiError
+from semcache.http.anthropic import CountTokensRequest, chat_messages as anthropic_chat_messages
+from semcache.http.app import make_app
+from semcache.text.chat import ChatMessage, StopMatcher, merge_turns
+from semcache.ops.config import Config
+from semcache.ops.errors import ApiError
 from tests.conftest import FAKE_REPLY, FakeEngine, serve_in_thread
 
 ADMIN_KEY = "fuzz-admin-key"

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from semcache import store
-from semcache.kvcache import ANON, MISS, AgentCache, CacheLimits, common_prefix
-from semcache.kvdata import KVData
+from semcache.cache import entryfile as store
+from semcache.cache.index import ANON, MISS, AgentCache, CacheLimits, common_prefix
+from semcache.cache.kvdata import KVData
 from tests.conftest import fake_kv
 
 T, OTHER = "tenant-a", "tenant-b"

@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from semcache.models import ModelLoadError, embedded_model_path, load_model
+from semcache.engine.models import ModelLoadError, embedded_model_path, load_model
 from tests.conftest import free_port
 from tests.test_engine import tiny_model
 

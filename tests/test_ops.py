@@ -12,10 +12,10 @@ import openai
 import pytest
 
 from semcache.__main__ import check_exposure, main
-from semcache.app import make_app
-from semcache.config import Config
-from semcache.logs import JsonFormatter
-from semcache.tenants import KeyRing, parse_keys_file
+from semcache.http.app import make_app
+from semcache.ops.config import Config
+from semcache.ops.logs import JsonFormatter
+from semcache.ops.tenants import KeyRing, parse_keys_file
 from tests.conftest import FakeEngine, serve_in_thread
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
@@ -240,7 +240,7 @@ class TestRateLimits:
 
     async def test_draining_refuses_with_503_in_both_dialects(self, make_client):
         """While draining, new requests get 503 with Retry-After, Anthropic and OpenAI alike."""
-        from semcache.keys import SERVICE
+        from semcache.http.appkeys import SERVICE
 
         client = await make_client()
         client.app[SERVICE].scheduler.draining = True

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from perf.faults import Daemon
-from semcache.config import Config
+from semcache.ops.config import Config
 from tests.conftest import free_port
 
 ROOT = Path(__file__).parent.parent

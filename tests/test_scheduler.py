@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from semcache.scheduler import Limits, Overloaded, Scheduler, TooLarge
-from semcache.sequence import FinishReason, Sequence, Status
+from semcache.scheduler.scheduler import Limits, Overloaded, Scheduler, TooLarge
+from semcache.scheduler.sequence import FinishReason, Sequence, Status
 from tests.conftest import FakeEngine
 
 
@@ -246,7 +246,7 @@ class TestWithAgentCache:
     async def test_disk_entry_loads_while_the_request_waits(self, tokenizer, stop_tasks, tmp_path):
         """A queued request whose entry is on disk has it in memory before a slot frees up, and runs
         from it: its prefix is its own prompt's start (checked by the fake engine)."""
-        from semcache.kvcache import AgentCache, CacheLimits
+        from semcache.cache.index import AgentCache, CacheLimits
 
         cache = AgentCache(CacheLimits(min_prefix=4), tmp_path)
         await cache.lock()

@@ -4,8 +4,8 @@ import anthropic
 import openai
 import pytest
 
-from semcache.app import make_app
-from semcache.config import Config
+from semcache.http.app import make_app
+from semcache.ops.config import Config
 from tests.conftest import FAKE_REPLY, FakeEngine, serve_in_thread
 
 USER = [{"role": "user", "content": "Hi"}]

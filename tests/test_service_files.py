@@ -27,7 +27,7 @@ CACHE_WRITE_MARGIN = 10
 
 def default_drain_timeout() -> float:
     """Config().drain_timeout, or 30 s (the documented default) where the field does not exist."""
-    from semcache.config import Config
+    from semcache.ops.config import Config
 
     return float(getattr(Config(), "drain_timeout", 30.0))
 

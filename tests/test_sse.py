@@ -2,7 +2,7 @@
 
 import json
 
-from semcache import sse
+from semcache.http import sse
 
 
 def test_frame_with_event_name():

@@ -10,9 +10,9 @@ import struct
 import numpy as np
 import pytest
 
-from semcache import store
-from semcache.kvdata import GROUP, KVData
-from semcache.store import CacheDirLocked, CorruptEntry, EntryMeta
+from semcache.cache import entryfile as store
+from semcache.cache.kvdata import GROUP, KVData
+from semcache.cache.entryfile import CacheDirLocked, CorruptEntry, EntryMeta
 
 
 def meta(key: str = "k0", num_tokens: int = 5, **overrides) -> EntryMeta:

@@ -21,8 +21,8 @@ import time
 import pytest
 
 from perf import stress
-from semcache.keys import INFLIGHT, SERVICE
-from semcache.scheduler import Overloaded
+from semcache.http.appkeys import INFLIGHT, SERVICE
+from semcache.scheduler.scheduler import Overloaded
 from tests.conftest import FakeEngine
 
 STEP = 0.02  # the fake engine's step time

@@ -10,10 +10,10 @@ import urllib.request
 import openai
 import pytest
 
-from semcache.app import make_app
-from semcache.chat import ChatMessage, PromptRenderer
-from semcache.config import Config
-from semcache.tools import Tool, ToolCall, call_text
+from semcache.http.app import make_app
+from semcache.text.chat import ChatMessage, PromptRenderer
+from semcache.ops.config import Config
+from semcache.text.tools import Tool, ToolCall, call_text
 from tests.conftest import FakeEngine, serve_in_thread
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -244,7 +244,7 @@ def test_native_template_gets_the_tools_and_turn_two_reuses_turn_one(tokenizer):
     picked), and turn 2's prompt starts with turn 1's whole prompt and most of its reply."""
     import copy
 
-    from semcache.tools import format_for
+    from semcache.text.tools import format_for
 
     native = copy.copy(tokenizer)
     native.chat_template = NATIVE_TEMPLATE

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from semcache.app import make_app
-from semcache.config import Config
+from semcache.http.app import make_app
+from semcache.ops.config import Config
 from tests.conftest import serve_in_thread
 
 pytestmark = pytest.mark.model

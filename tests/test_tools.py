@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from semcache.grammar import Grammars, json_grammar
-from semcache.tools import (
+from semcache.text.grammar import Grammars, json_grammar
+from semcache.text.tools import (
     FALLBACK,
     Call,
     CallScanner,
@@ -197,7 +197,7 @@ def test_a_repeated_call_ends_the_answer():
     {"type": "object", "properties": None, "required": [1, None, "x"]},
 ])
 def test_hostile_tool_schemas_still_compile_or_fail_cleanly(grammars, schema):
-    from semcache.grammar import GrammarError
+    from semcache.text.grammar import GrammarError
 
     try:
         assert grammars.for_tools(FALLBACK, [Tool("t", "", schema)], ToolChoice("required")) is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from semcache.trie import TokenTrie
+from semcache.cache.trie import TokenTrie
 
 
 def longest(trie: TokenTrie, tokens) -> tuple[int, set]:

@@ -1,0 +1,94 @@
+"""The agent cache's data: limits, entries, lookup answers; plain values shared by its halves."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from semcache.cache.kvdata import KVData
+
+ANON = "anon-"
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    enabled: bool = True
+    memory_budget: int = 2 << 30
+    disk_budget: int = 20 << 30
+    ttl: float = 7 * 86400.0
+    min_prefix: int = 64
+    encoding: str = "native"  # on disk: native (lossless), int8, int4
+    write_through: bool = True  # write every new entry soon, so a crash loses little
+
+
+@dataclass(eq=False)
+class Entry:
+    key: str
+    tenant: str
+    agent: str  # the agent id, or anon-<key> for requests that named none
+    named: bool
+    tokens: np.ndarray  # int32 token ids the KV covers
+    dtype: str
+    created: float
+    last_use: float
+    data: KVData | None = None  # resident in memory
+    pending: KVData | None = None  # spilled: held only until its file is written
+    path: Path | None = None
+    file_bytes: int = 0
+    dirty: bool = False  # the data is not on disk yet
+    writing: asyncio.Task | None = None
+    loading: asyncio.Task | None = None
+    removed: bool = False
+    retry_at: float = 0.0  # monotonic time before which lookups pass it over (its file could not be read)
+    # Files of the entries this one replaced: deleted only once this one is on disk, so a crash in
+    # between leaves the agent its previous turn rather than nothing.
+    superseded: list[tuple[Path, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tier(self) -> str:
+        return "memory" if self.data is not None else "disk"
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes if self.data is not None else self.file_bytes
+
+    def describe(self) -> dict[str, Any]:
+        return {"agent_id": self.agent, "entry_id": self.key, "tier": self.tier, "tokens": self.num_tokens,
+                "bytes": self.nbytes, "last_use": round(self.last_use, 3), "created": round(self.created, 3)}
+
+
+@dataclass(frozen=True)
+class Match:
+    """A lookup's answer: reuse the first `num_tokens` of `entry` (no entry: a miss)."""
+
+    entry: Entry | None = None
+    num_tokens: int = 0
+
+    @property
+    def resident(self) -> bool:
+        return self.entry is not None and (self.entry.data is not None or self.entry.pending is not None)
+
+
+MISS = Match()
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def _preferred(entry: Entry, other: Entry | None) -> bool:
+    """Resident beats on-disk; then the more recently used."""
+    if other is None:
+        return True
+    mine, theirs = entry.data is not None or entry.pending is not None, other.data is not None or other.pending is not None
+    return (mine, entry.last_use) > (theirs, other.last_use)

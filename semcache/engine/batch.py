@@ -1,0 +1,306 @@
+"""The running batch, on the MLX thread only: prefill (batched or chunked) and batched decode.
+
+One `step`: drop released sequences; one decode step for every decoding sequence together; then
+prompt work bounded by `prefill_chunk` tokens: either one chunk of a long prompt, or several short
+prompts prefilled together (left-padded, masked), which then join the decode batch. Prefill computes
+logits only for the last position (the vocabulary projection is a fifth of the model's work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Collection, NamedTuple
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from semcache.engine.batchkv import as_batch, restore, snapshot
+from semcache.cache.kvdata import KVData
+from semcache.engine.sampling import sample_batch
+from semcache.scheduler.sequence import SamplingParams
+
+# Below this many common tokens, a group is cheaper to prefill with plain left padding.
+MIN_SHARED_PREFIX = 16
+IDLE_GROUP_FACTOR = 4
+# Model families whose __call__ is exactly `head(model.model(x))`; others go through model(x).
+_SPLITTABLE = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A sequence the scheduler hands the engine: prefill these ids, then decode with `sampling`."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    prefix: KVData | None = None  # a cache hit: KV of the first prefix.num_tokens prompt ids
+
+
+class StepResult(NamedTuple):
+    tokens: dict[int, int]  # seq_id -> the token it sampled this step
+    kept: dict[int, KVData]  # seq_id -> KV of a released sequence that asked to keep it
+
+
+@dataclass(eq=False)
+class Row:
+    """A sequence's sampling state (its PRNG key advances once per sampled token)."""
+
+    seq_id: int
+    sampling: SamplingParams
+    key: Any = None
+
+
+@dataclass(eq=False)
+class _Prefill:
+    admission: Admission
+    row: Row
+    cache: list[Any] | None = None
+    done: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.admission.prompt_ids) - self.done
+
+
+@dataclass(eq=False)
+class _Decoding:
+    rows: list[Row] = field(default_factory=list)
+    # One row: plain KVCaches (no mask, the exact single-sequence path, ~5% faster); more: BatchKVCaches.
+    cache: list[Any] | None = None
+    inputs: Any = None  # mx.array [B]: each row's latest token, reported, not yet fed to the model
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Number of leading tokens that a and b share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _group_cost(size: int, longest: int, shared: int) -> int:
+    """Prompt tokens a group costs to prefill: the shared prefix once, the padded rest per row."""
+    if shared < MIN_SHARED_PREFIX:
+        return size * longest
+    return shared + size * (longest - shared)
+
+
+class Batcher:
+    """All MLX state for continuous batching. Not thread-safe: call only from the MLX thread."""
+
+    def __init__(self, model: Any, prefill_chunk: int):
+        self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.prefills: list[_Prefill] = []
+        self.decoding = _Decoding()
+        family = type(model).__module__.rsplit(".", 1)[-1]
+        self._split = family in _SPLITTABLE and hasattr(model, "model")
+        self._head_t = self._transposed_head() if self._split else None
+
+    def step(self, admit: list[Admission], release: list[int], keep: Collection[int] = ()) -> StepResult:
+        """Drop `release` (copying out the KV of those in `keep`), queue `admit` for prefill (a hit
+        starts from its own copy of the cached prefix), and advance everything one step."""
+        kept = self._release(set(release), set(keep)) if release else {}
+        self.prefills.extend(self._admitted(a) for a in admit)
+        out = self._decode() if self.decoding.rows else {}
+        if self.prefills:
+            out.update(self._prefill())
+        return StepResult(out, kept)
+
+    def _admitted(self, a: Admission) -> _Prefill:
+        p = _Prefill(a, Row(a.seq_id, a.sampling))
+        if a.prefix is not None and a.prefix.num_tokens:
+            p.cache = [restore(k, v, a.prefix.dtype) for k, v in a.prefix.layers]
+            p.done = a.prefix.num_tokens
+            mx.eval([(c.keys, c.values) for c in p.cache])
+        return p
+
+    def _release(self, ids: set[int], keep: set[int]) -> dict[int, KVData]:
+        self.prefills = [p for p in self.prefills if p.admission.seq_id not in ids]
+        d = self.decoding
+        kept = {row.seq_id: snapshot(d.cache, i) for i, row in enumerate(d.rows) if row.seq_id in keep}
+        rest = [i for i, row in enumerate(d.rows) if row.seq_id not in ids]
+        if len(rest) == len(d.rows):
+            return kept
+        if not rest:
+            self.decoding = _Decoding()
+            return kept
+        d.rows = [d.rows[i] for i in rest]
+        index = mx.array(rest)
+        for c in d.cache:
+            c.filter(rest)
+        if len(rest) == 1:
+            d.cache = [c.extract(0) for c in d.cache]
+        d.inputs = d.inputs[index]
+        return kept
+
+    def _decode(self) -> dict[int, int]:
+        """One new token per row, all rows in one forward pass.
+
+        No one-step-ahead pipelining: measured on the CPU backend, mx.async_eval blocks until the
+        step is computed, so running ahead only delayed every token by a step."""
+        d = self.decoding
+        logits = self._forward(d.inputs[:, None], d.cache, last_logits=True)
+        d.inputs = self._sample(logits, d.rows)
+        mx.eval(d.inputs)
+        return dict(zip((row.seq_id for row in d.rows), d.inputs.tolist()))
+
+    # Prefill ----------------------------------------------------------------------------------
+
+    def _prefill(self) -> dict[int, int]:
+        """Prompt work for one step, bounded by the prefill budget.
+
+        Three kinds of work: short fresh prompts (each at most one chunk) are prefilled together as
+        a group; prompts resuming from a cached prefix whose rest fits a chunk are finished together
+        as another group; a long prompt advances one chunk. The kinds waiting share the budget, so a
+        long prompt never holds short or warm requests back for its whole prefill, and still always
+        progresses. The budget bounds how long running streams wait; with none running, a group may
+        be IDLE_GROUP_FACTOR times larger (one bigger batch is cheaper).
+        """
+        chunk = self.prefill_chunk
+        shorts = [p for p in self.prefills if not p.done and p.remaining <= chunk]
+        resumed = [p for p in self.prefills if p.done and p.remaining <= chunk]
+        longs = [p for p in self.prefills if p.remaining > chunk]
+        share = sum(1 for kind in (shorts, resumed, longs) if kind)
+        budget = chunk * (1 if self.decoding.rows else IDLE_GROUP_FACTOR) // share
+        out: dict[int, int] = {}
+        if shorts:
+            out.update(self._prefill_shorts(shorts, budget))
+        if resumed:
+            out.update(self._prefill_resumed(resumed, budget))
+        if longs:
+            out.update(self._prefill_one(longs[0], max(1, chunk // share)))
+        return out
+
+    def _prefill_resumed(self, resumed: list[_Prefill], budget: int) -> dict[int, int]:
+        """Prompts that continue a cached prefix (or a long prompt's last chunk): the first one and
+        as many more as fit `budget` in padded suffix tokens, finished in one batch."""
+        group = resumed[:1]
+        for p in resumed[1:]:
+            if (len(group) + 1) * max(p.remaining, *(q.remaining for q in group)) > budget:
+                break
+            group.append(p)
+        if len(group) == 1:
+            return self._prefill_one(group[0], group[0].remaining)
+        layers = range(len(self.model.layers))
+        cache = [BatchKVCache.merge([p.cache[i] for p in group]) for i in layers]
+        return self._prefill_suffixes(group, cache, [p.admission.prompt_ids[p.done :] for p in group])
+
+    def _prefill_shorts(self, shorts: list[_Prefill], budget: int) -> dict[int, int]:
+        """The first short prompt and as many following ones as fit `budget` (at least one)."""
+        first = shorts[0]
+        group, shared = [first], len(first.admission.prompt_ids) - 1
+        for p in shorts[1:]:
+            ids = p.admission.prompt_ids
+            lcp = min(shared, common_prefix(ids, first.admission.prompt_ids), len(ids) - 1)
+            members = group + [p]
+            longest = max(len(q.admission.prompt_ids) for q in members)
+            if _group_cost(len(members), longest, lcp) > budget:
+                break
+            group, shared = members, lcp
+        if len(group) == 1 or shared < MIN_SHARED_PREFIX:
+            return self._prefill_group(group)
+        return self._prefill_shared(group, shared)
+
+    def _prefill_one(self, p: _Prefill, chunk: int) -> dict[int, int]:
+        """The next `chunk` tokens of a long prompt; on its last chunk it joins the decode batch."""
+        if p.cache is None:
+            p.cache = [KVCache() for _ in self.model.layers]
+        n = min(chunk, p.remaining)
+        ids = mx.array([p.admission.prompt_ids[p.done : p.done + n]])
+        p.done += n
+        if p.remaining:
+            self._forward(ids, p.cache, last_logits=False)
+            mx.eval([c.state for c in p.cache])
+            return {}
+        logits = self._forward(ids, p.cache, last_logits=True)
+        return self._join([p], p.cache, logits)
+
+    def _prefill_group(self, group: list[_Prefill]) -> dict[int, int]:
+        """Short prompts together, left-padded to the longest (the padding is masked out)."""
+        prompts = [p.admission.prompt_ids for p in group]
+        longest = max(map(len, prompts))
+        padding = [longest - len(ids) for ids in prompts]
+        tokens = mx.array([[0] * pad + ids for pad, ids in zip(padding, prompts)])
+        cache = [BatchKVCache(padding) for _ in self.model.layers]
+        logits = self._forward(tokens, cache, last_logits=True)
+        return self._join(group, cache, logits)
+
+    def _prefill_shared(self, group: list[_Prefill], shared: int) -> dict[int, int]:
+        """Prompts with a common prefix (a system prompt): the prefix once, then the suffixes together."""
+        prefix = [KVCache() for _ in self.model.layers]
+        self._forward(mx.array([group[0].admission.prompt_ids[:shared]]), prefix, last_logits=False)
+        cache = [BatchKVCache.merge([c] * len(group)) for c in prefix]
+        return self._prefill_suffixes(group, cache, [p.admission.prompt_ids[shared:] for p in group])
+
+    def _prefill_suffixes(self, group: list[_Prefill], cache: list[Any], suffixes: list[list[int]]) -> dict[int, int]:
+        """Each row's remaining prompt on top of its cached part, all rows in one forward pass.
+
+        Suffixes are right-padded so each row continues straight after its own cached tokens; the
+        cache's finalize() then rolls the padding to the left, as the decode batch expects.
+        """
+        longest = max(map(len, suffixes))
+        padding = [longest - len(ids) for ids in suffixes]
+        for c in cache:
+            c.prepare(right_padding=padding)
+        tokens = mx.array([ids + [0] * pad for pad, ids in zip(padding, suffixes)])
+        last = mx.array([len(ids) - 1 for ids in suffixes])
+        logits = self._forward(tokens, cache, last_logits=True, positions=last)
+        for c in cache:  # roll only the filled part of the buffer, not its spare capacity
+            c.keys, c.values = c.keys[..., : c.size(), :], c.values[..., : c.size(), :]
+            c.finalize()
+        return self._join(group, cache, logits)
+
+    def _forward(self, tokens: Any, cache: list[Any], last_logits: bool, positions: Any = None) -> Any:
+        """Run the model on prompt tokens; logits at each row's `positions` (default: the last), or None."""
+        rows = mx.arange(tokens.shape[0])
+        at = positions if positions is not None else mx.full((tokens.shape[0],), tokens.shape[1] - 1)
+        if not self._split:
+            logits = self.model(tokens, cache=cache)
+            return logits[rows, at] if last_logits else None
+        hidden = self.model.model(tokens, cache=cache)
+        if not last_logits:
+            return None
+        last = hidden[rows, at] if tokens.shape[1] > 1 else hidden[:, 0, :]
+        if self._head_t is not None:
+            return last @ self._head_t
+        head = getattr(self.model, "lm_head", None)
+        return head(last) if head is not None else self.model.model.embed_tokens.as_linear(last)
+
+    def _transposed_head(self) -> Any:
+        """The vocabulary projection's float weight, transposed once into its own contiguous copy.
+
+        Measured on the CPU (OpenBLAS): `h @ Wt` gives bit-identical logits to `h @ W.T` in 4.8 ms
+        instead of 8.5 ms for one row (17 vs 21 ms for 16), ~5% of a single-stream decode step.
+        Costs one more copy of the matrix (113 MB for the embedded model). Quantized heads: None.
+        """
+        head = getattr(self.model, "lm_head", None)
+        module = head if head is not None else self.model.model.embed_tokens
+        weight = getattr(module, "weight", None)
+        if weight is None or hasattr(module, "scales") or not mx.issubdtype(weight.dtype, mx.floating):
+            return None
+        if head is not None and "bias" in head:
+            return None
+        transposed = mx.contiguous(weight.T)
+        mx.eval(transposed)
+        return transposed
+
+    def _join(self, group: list[_Prefill], cache: list[Any], logits: Any) -> dict[int, int]:
+        """Sample each prompt's first token and move the group into the decode batch."""
+        rows = [p.row for p in group]
+        tokens = self._sample(logits, rows)
+        d = self.decoding
+        if not d.rows:
+            single = len(rows) == 1 and isinstance(cache[0], BatchKVCache)
+            d.cache, d.inputs = ([c.extract(0) for c in cache] if single else cache), tokens
+        else:
+            d.cache = [as_batch(c) for c in d.cache]
+            for mine, theirs in zip(d.cache, cache):
+                mine.extend(as_batch(theirs))
+            d.inputs = mx.concatenate([d.inputs, tokens])
+        d.rows.extend(rows)
+        mx.eval([c.state for c in d.cache], d.inputs)
+        joined = set(map(id, group))
+        self.prefills = [p for p in self.prefills if id(p) not in joined]
+        return dict(zip((r.seq_id for r in rows), tokens.tolist()))
+
+    def _sample(self, logits: Any, rows: list[Row]) -> Any:
+        return sample_batch(logits, rows)  # a method: the tests' seam for the logits

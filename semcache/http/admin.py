@@ -1,0 +1,55 @@
+"""/admin/*: operations for the person running the daemon (the auth middleware requires the admin key)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from aiohttp import web
+from msgspec import Meta, Struct
+
+from semcache.ops.errors import ApiError, Kind, ModelLoadError, invalid
+from semcache.http.appkeys import METRICS, SERVICE
+from semcache.service.service import decode_body
+from semcache.ops.tenants import tenant_id
+
+
+class SwapRequest(Struct, kw_only=True):
+    model: Annotated[str, Meta(min_length=1)]
+
+
+_swap_decoder = msgspec.json.Decoder(SwapRequest)
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/admin/model", swap_model),
+        web.delete("/admin/tenants/{tenant}/agents", purge_tenant),
+    ]
+
+
+async def swap_model(request: web.Request) -> web.Response:
+    """Load another model (GGUF, mlx-lm folder or HF id); 400 and the old model stays if it fails."""
+    service = request.app[SERVICE]
+    service.require_loaded()
+    body = decode_body(await request.read(), _swap_decoder)
+    try:
+        seconds = await service.swap_model(body.model)
+    except ModelLoadError as exc:
+        raise invalid(f"the model was not swapped: {exc}", param="model") from None
+    except Exception as exc:  # any load failure leaves the old model serving
+        raise ApiError(Kind.INVALID_REQUEST, f"the model was not swapped: {exc}", param="model") from None
+    info = service.engine.info
+    request.app[METRICS].model_load_seconds.set(getattr(service.engine, "load_seconds", 0.0) or seconds)
+    return web.json_response({"model": info.model_id, "path": info.path, "fingerprint": info.fingerprint,
+                              "seconds": round(seconds, 3)})
+
+
+async def purge_tenant(request: web.Request) -> web.Response:
+    """Delete every cached entry of a tenant (by name; a bare key's tenant is named by the key)."""
+    service = request.app[SERVICE]
+    name = request.match_info["tenant"]
+    if service.cache is None:
+        raise invalid("the agent cache is disabled (cache_enabled = false)")
+    deleted = await service.cache.purge(tenant_id(name))
+    return web.json_response({"tenant": name, "deleted": deleted})

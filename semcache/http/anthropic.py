@@ -1,0 +1,219 @@
+"""Anthropic Messages API: /v1/messages (+SSE stream) and /v1/messages/count_tokens."""
+
+from __future__ import annotations
+
+import secrets
+
+from aiohttp import web
+
+from semcache.http import sse
+from semcache.http.anthropic_request import (  # noqa: F401  (re-exported: agents.py, tests)
+    CountTokensRequest,
+    Message,
+    MessagesRequest,
+    TextBlock,
+    breakpoint_messages,
+    chat_messages,
+    count_decoder,
+    messages_decoder,
+    parse_tools,
+)
+from semcache.ops.errors import anthropic_body
+from semcache.http.identity import identity, note_usage, priority, rate_key
+from semcache.http.appkeys import SERVICE
+from semcache.scheduler.sequence import FinishReason, SamplingParams, Sequence
+from semcache.service.service import Generation, decode_body, failure
+from semcache.text.tools import (
+    CallScanner,
+    Text,
+    ToolCall,
+    collect,
+    scanned,
+)
+
+STOP_REASONS = {
+    FinishReason.END: "end_turn",
+    FinishReason.LENGTH: "max_tokens",
+    FinishReason.STOP_SEQUENCE: "stop_sequence",
+}
+
+
+def usage(seq: Sequence) -> dict:
+    """As the real API defines them, the three input counters add up to the prompt's tokens: read
+    from the cache, written to it (not reused, up to the last cache_control mark), and the rest."""
+    read = seq.num_cached_tokens
+    creation = max(0, min(seq.cache_breakpoint, seq.num_prompt_tokens) - read)
+    return {
+        "input_tokens": seq.num_prompt_tokens - read - creation,
+        "output_tokens": seq.num_output_tokens,
+        "cache_creation_input_tokens": creation,
+        "cache_read_input_tokens": read,
+    }
+
+
+def _stop_reason(seq: Sequence, scanner: CallScanner | None) -> str | None:
+    finished = seq.finished
+    if scanner is not None and scanner.done:  # stopped at a repeated call
+        return "tool_use"
+    if finished is None:
+        return None
+    if scanner is not None and scanner.calls and finished.reason is FinishReason.END:
+        return "tool_use"
+    return STOP_REASONS.get(finished.reason)
+
+
+def _message(body: MessagesRequest, msg_id: str, content: list, seq: Sequence,
+             scanner: CallScanner | None = None, final: bool = True) -> dict:
+    """The Message object; message_start sends it with final=False (no stop reason yet)."""
+    finished = seq.finished if final else None
+    final = final and (finished is not None or bool(scanner and scanner.done))
+    return {
+        "id": msg_id,
+        "type": "message",
+        "role": "assistant",
+        "model": body.model,
+        "content": content,
+        "stop_reason": _stop_reason(seq, scanner) if final else None,
+        "stop_sequence": finished.stop_sequence if finished else None,
+        "usage": usage(seq),
+    }
+
+
+def _tool_use(call: ToolCall) -> dict:
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    body = decode_body(await request.read(), messages_decoder)
+    sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k)
+    tenant, agent = identity(request)
+    tools, choice = parse_tools(body)
+    gen = Generation(
+        messages=chat_messages(body),
+        max_tokens=body.max_tokens,
+        sampling=sampling,
+        stop=tuple(body.stop_sequences or ()),
+        priority=priority(request, body.priority),
+        continue_final=True,  # Anthropic "prefill": the answer continues a final assistant turn
+        tenant=tenant,
+        agent=agent,
+        breakpoint=breakpoint_messages(body),
+        rate_key=rate_key(request),
+        tools=tuple(tools),
+        tool_choice=choice,
+    )
+    seq = await service.start(gen)
+    try:
+        msg_id = "msg_" + secrets.token_hex(12)
+        scanner = CallScanner(service.tool_format, tools, "toolu_") if tools else None
+        if body.stream:
+            return await _stream(request, body, seq, msg_id, scanner, service.scheduler.abort)
+        events = await collect(seq.stream(), scanner)
+        if scanner and scanner.done:
+            service.scheduler.abort(seq)  # stopped at a repeated call: free the slot, keep the KV
+        elif seq.finished.reason not in STOP_REASONS:
+            raise failure(seq.finished)
+        content = [{"type": "text", "text": e.text} if isinstance(e, Text) else _tool_use(e.call) for e in events]
+        return web.json_response(_message(body, msg_id, content or [{"type": "text", "text": ""}], seq, scanner))
+    finally:
+        note_usage(request, [seq])
+        service.release(seq)
+
+
+class _Blocks:
+    """Content blocks of a streamed message, opened and closed in order with sequential indices."""
+
+    def __init__(self, write):
+        self.write = write
+        self.index = -1
+        self.text_open = False
+
+    async def _send(self, event: dict) -> None:
+        await self.write(sse.frame(event, event["type"]))
+
+    async def _start(self, block: dict) -> None:
+        self.index += 1
+        await self._send({"type": "content_block_start", "index": self.index, "content_block": block})
+
+    async def text(self, text: str) -> None:
+        if not self.text_open:
+            await self._start({"type": "text", "text": ""})
+            self.text_open = True
+        if text:
+            await self._send({"type": "content_block_delta", "index": self.index,
+                              "delta": {"type": "text_delta", "text": text}})
+
+    async def tool_use(self, call: ToolCall) -> None:
+        await self.close()
+        await self._start({**_tool_use(call), "input": {}})
+        await self._send({"type": "content_block_delta", "index": self.index,
+                          "delta": {"type": "input_json_delta", "partial_json": call.arguments_json()}})
+        await self._send({"type": "content_block_stop", "index": self.index})
+
+    async def emit(self, events: list) -> None:
+        for event in events:
+            await (self.text(event.text) if isinstance(event, Text) else self.tool_use(event.call))
+
+    async def close(self) -> None:
+        if self.text_open:
+            await self._send({"type": "content_block_stop", "index": self.index})
+            self.text_open = False
+
+    async def finish(self) -> None:
+        """Close the open block; a message always has at least one (an empty text block)."""
+        if self.index < 0:
+            await self.text("")
+        await self.close()
+
+
+async def _stream(request: web.Request, body: MessagesRequest, seq: Sequence, msg_id: str,
+                  scanner: CallScanner | None, stop):
+    response = await sse.open_stream(request)
+    write = response.write
+    start = _message(body, msg_id, [], seq, final=False)
+    await write(sse.frame({"type": "message_start", "message": start}, "message_start"))
+    blocks = _Blocks(write)
+    if scanner is None:
+        await blocks.text("")  # plain text: the block opens at once, before the first token
+    await write(sse.frame({"type": "ping"}, "ping"))
+    async for events in scanned(seq.stream(), scanner):
+        await blocks.emit(events)
+    finished = seq.finished
+    if scanner and scanner.done:
+        stop(seq)  # stopped at a repeated call: free the slot, keep the KV
+    elif finished.reason not in STOP_REASONS:
+        await write(sse.frame(anthropic_body(failure(finished)), "error"))
+        return response
+    await blocks.finish()
+    await write(sse.frame(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": _stop_reason(seq, scanner),
+                      "stop_sequence": finished.stop_sequence if finished else None},
+            "usage": usage(seq),
+        },
+        "message_delta",
+    ))
+    await write(sse.frame({"type": "message_stop"}, "message_stop"))
+    await response.write_eof()
+    return response
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    body = decode_body(await request.read(), count_decoder)
+    tools, _ = parse_tools(body)
+    prompt_ids = await service.tokenize(chat_messages(body), continue_final=True, tools=tools)
+    return web.json_response({"input_tokens": len(prompt_ids)})
+
+
+def model_info(model_id: str, context_length: int) -> dict:
+    return {
+        "type": "model",
+        "id": model_id,
+        "display_name": model_id,
+        "created_at": "2025-01-01T00:00:00Z",
+        "lifecycle": "active",
+        "max_input_tokens": context_length,
+    }

@@ -1,0 +1,23 @@
+"""Typed application keys: every shared object lives under one of these, never in a global."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from semcache.ops.config import Config
+    from semcache.ops.metrics import Metrics
+    from semcache.http.middleware import Inflight
+    from semcache.ops.ratelimit import RateLimiter
+    from semcache.ops.tenants import KeyRing
+    from semcache.service.service import Service
+
+CONFIG: web.AppKey["Config"] = web.AppKey("config")
+SERVICE: web.AppKey["Service"] = web.AppKey("service")
+METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
+KEYRING: web.AppKey["KeyRing"] = web.AppKey("keyring")
+LIMITER: web.AppKey["RateLimiter | None"] = web.AppKey("limiter")
+# Requests being handled (a drain waits for their last bytes before the server shuts down).
+INFLIGHT: web.AppKey["Inflight"] = web.AppKey("inflight")

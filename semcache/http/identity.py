@@ -1,0 +1,73 @@
+"""Who is asking: the tenant (the API key in use) and the agent (X-Agent-ID, or X-Session-ID)."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from semcache.ops.errors import ApiError, Kind, invalid
+from semcache.http.appkeys import CONFIG
+from semcache.cache.index import ANON
+from semcache.service.service import parse_priority
+
+TENANT = "tenant"  # request key, set by the auth middleware: the tenant's id (tenants.tenant_id)
+KEY = "key_id"  # request key: which API key was used (tenants.key_id), for rate limits and logs
+ADMIN = "admin"  # request key: True when the admin key was given
+USAGE = "usage"  # request key: token counts and TTFT for the access log
+ANONYMOUS = "anonymous"  # the rate-limit key of callers without an API key
+DEFAULT_TENANT = "default"  # every caller, when no api_keys are configured
+DEFAULT_PRIORITY = 5  # lower values are more urgent; below this needs the admin key (with auth on)
+AGENT_HEADERS = ("X-Agent-ID", "X-Session-ID")
+MAX_AGENT_ID = 128
+_AGENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
+
+
+def check_agent_id(value: str, where: str, anon_ok: bool = False) -> str:
+    """The agent id, or a 400 naming `where` (a header or the URL path)."""
+    if len(value) > MAX_AGENT_ID or not _AGENT_RE.fullmatch(value):
+        raise invalid(
+            f"{where} must be 1-{MAX_AGENT_ID} characters: letters, digits and '.', '_', ':', '@', '-', "
+            f"starting with a letter or digit (got {value[:160]!r})", param=where)
+    if value.startswith(ANON) and not anon_ok:
+        raise invalid(f"{where}: ids starting with '{ANON}' name anonymous cache entries", param=where)
+    return value
+
+
+def identity(request: web.Request) -> tuple[str, str | None]:
+    """(tenant, agent id or None) for a generation request."""
+    tenant = request.get(TENANT, DEFAULT_TENANT)
+    given = {h: request.headers[h].strip() for h in AGENT_HEADERS if h in request.headers}
+    if len(set(given.values())) > 1:
+        raise invalid("X-Agent-ID and X-Session-ID name different agents; send one", param="X-Agent-ID")
+    if not given:
+        return tenant, None
+    header, value = next(iter(given.items()))
+    return tenant, check_agent_id(value, header)
+
+
+def priority(request: web.Request, body_value: int | None) -> int:
+    """X-Priority (or the body's `priority`), 0-9; with API keys or an admin key configured, values
+    below the default need the admin key, so no tenant can jump the queue."""
+    value = parse_priority(request.headers.get("X-Priority"), body_value, DEFAULT_PRIORITY)
+    guarded = request.get(KEY) is not None or bool(request.app[CONFIG].admin_key)
+    if value < DEFAULT_PRIORITY and guarded and not request.get(ADMIN):
+        raise ApiError(Kind.PERMISSION, f"priorities below {DEFAULT_PRIORITY} need the admin key (got {value})")
+    return value
+
+
+def note_usage(request: web.Request, seqs: list) -> None:
+    """Token counts, cache reuse and TTFT of a finished generation, for the access log line."""
+    first = seqs[0]
+    request[USAGE] = {
+        "prompt_tokens": first.num_prompt_tokens,
+        "cached_tokens": first.num_cached_tokens,
+        "output_tokens": sum(s.num_output_tokens for s in seqs),
+        "cache": "hit" if first.num_cached_tokens else "miss",
+        "ttft_ms": round((first.first_token_at - first.arrival) * 1000, 1) if first.first_token_at else None,
+    }
+
+
+def rate_key(request: web.Request) -> str:
+    """Whose rate-limit buckets a request draws from: its API key's, or the shared anonymous ones."""
+    return request.get(KEY) or ANONYMOUS

@@ -1,0 +1,210 @@
+"""Middlewares, outermost first: request id + access log + request metrics → errors (dialect-shaped)
+→ auth → rate limit."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+
+import msgspec
+from aiohttp import web
+
+from semcache.ops.errors import ApiError, Kind, anthropic_body, invalid, openai_body, status_for
+from semcache.http.identity import ADMIN, KEY, TENANT, USAGE, rate_key
+from semcache.http.appkeys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS
+from semcache.ops.ratelimit import anthropic_headers, openai_headers
+from semcache.service.service import charge
+from semcache.ops.tenants import key_id, tenant_id
+
+log = logging.getLogger("semcache.http")
+access = logging.getLogger("semcache.access")
+
+REQUEST_ID = "request_id"
+ADMIN_TENANT = "\x00admin"  # no keys-file tenant can be named this (names are single text lines)
+GENERATION_PATHS = frozenset({"/v1/messages", "/v1/chat/completions", "/chat/completions"})
+_HTTP_KINDS = {
+    401: Kind.AUTHENTICATION,
+    403: Kind.PERMISSION,
+    404: Kind.NOT_FOUND,
+    405: Kind.METHOD_NOT_ALLOWED,
+    413: Kind.TOO_LARGE,
+    429: Kind.RATE_LIMIT,
+}
+
+
+def is_anthropic(request: web.Request) -> bool:
+    """Anthropic dialect for /v1/messages* or any request with an anthropic-version header."""
+    return request.path.startswith("/v1/messages") or "anthropic-version" in request.headers
+
+
+def error_response(request: web.Request, err: ApiError) -> web.Response:
+    anthropic = is_anthropic(request)
+    body = anthropic_body(err, request.get(REQUEST_ID)) if anthropic else openai_body(err)
+    response = web.Response(
+        status=status_for(err.kind, anthropic),
+        body=msgspec.json.encode(body),
+        content_type="application/json",
+    )
+    if err.retry_after is not None:
+        response.headers["Retry-After"] = str(err.retry_after)
+        response.headers["retry-after-ms"] = str(err.retry_after * 1000)
+    if request.method == "POST" and err.kind is Kind.OVERLOADED:
+        response.headers["x-should-retry"] = "true"
+    return response
+
+
+class Inflight:
+    """How many requests are being handled (a drain waits for their last bytes)."""
+
+    count = 0
+
+
+@web.middleware
+async def request_context(request: web.Request, handler):
+    """Outermost: a request id for every response (set at prepare, so SSE streams get it), the
+    request counter and one access-log line, so 401s and 429s are counted and logged too."""
+    request[REQUEST_ID] = "req_" + secrets.token_hex(12)
+    start = time.perf_counter()
+    status = 499  # the client went away before an answer
+    inflight = request.app[INFLIGHT]
+    inflight.count += 1
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        inflight.count -= 1
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].requests.labels(route, str(status)).inc()
+        if not request.path.startswith("/health"):
+            seconds = time.perf_counter() - start
+            fields = {"request_id": request[REQUEST_ID], "method": request.method, "route": route,
+                      "status": status, "duration_ms": round(seconds * 1000, 1), **request.get(USAGE, {})}
+            # the route template, not the path: a path may hold a tenant name that is a key
+            access.info("%s %s %s %.1fms %s", request.method, route, status, seconds * 1000,
+                        request[REQUEST_ID], extra={"fields": fields})
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare hook: both SDKs read the id from their own header name; rate-limit
+    headers (both dialects' names) go on every response of a limited key."""
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        response.headers["request-id"] = request_id
+        response.headers["x-request-id"] = request_id
+    limiter = request.app[LIMITER]
+    if limiter is not None and not request.path.startswith("/health/"):
+        snap = limiter.snapshot(rate_key(request))
+        headers = anthropic_headers(snap, time.time()) if is_anthropic(request) else openai_headers(snap)
+        response.headers.update(headers)
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler):
+    """Innermost: requests per minute for every route but /health/*; generation routes are charged
+    their tokens too, once the prompt is tokenized (Service.start), before they reach the queue."""
+    limiter = request.app[LIMITER]
+    if limiter is None or request.path.startswith("/health/"):
+        return await handler(request)
+    if request.method == "POST" and request.path in GENERATION_PATHS or request.path.endswith("/warm"):
+        return await handler(request)
+    charge(limiter, rate_key(request), 0)
+    return await handler(request)
+
+
+@web.middleware
+async def errors(request: web.Request, handler):
+    """The one place that turns exceptions into the caller's dialect; 500 only for bugs."""
+    refused = _refuse_encoding(request)
+    if refused is not None:
+        return refused
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(request, err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = _HTTP_KINDS.get(exc.status, Kind.INVALID_REQUEST)
+        message = _http_message(request, exc)
+        return error_response(request, ApiError(kind, message))
+    except web.RequestPayloadError as exc:  # the body does not match its framing or Content-Encoding
+        reason = getattr(exc.__cause__, "message", None) or str(exc)
+        return error_response(request, invalid(f"the request body could not be read: {reason}"))
+    except ConnectionResetError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(request, ApiError(Kind.INTERNAL, "internal server error"))
+
+
+def _refuse_encoding(request: web.Request) -> web.Response | None:
+    """A body in any Content-Encoding but gzip is refused unread, and the connection closed: aiohttp
+    (3.14) never ends the read of a truncated deflate body, so the request would hang."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if not request.body_exists or encoding in ("identity", "gzip"):
+        return None
+    message = f"Content-Encoding {encoding!r} is not supported for request bodies; send identity or gzip"
+    response = error_response(request, invalid(message))
+    response.force_close()
+    return response
+
+
+def _http_message(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return f"not found: {request.method} {request.path}"
+    if exc.status == 405:
+        return f"method {request.method} is not allowed on {request.path}"
+    if exc.status == 413:
+        limit = request.app[CONFIG].max_body
+        return f"request body is larger than the {limit} byte limit (config max_body)"
+    return exc.text or exc.reason
+
+
+def given_key(request: web.Request) -> str | None:
+    """The key sent as x-api-key or Authorization: Bearer (both SDKs' ways); a 401 if it is not
+    UTF-8 (aiohttp keeps such bytes as surrogates, which no key can match or even encode)."""
+    given = request.headers.get("x-api-key")
+    bearer = request.headers.get("Authorization", "")
+    if given is None and bearer[:7].lower() == "bearer ":
+        given = bearer[7:].strip()
+    if given is not None and any("\udc80" <= c <= "\udcff" for c in given):
+        raise ApiError(Kind.AUTHENTICATION, "invalid API key: the header is not UTF-8 text")
+    return given
+
+
+@web.middleware
+async def auth(request: web.Request, handler):
+    """/health/* is open; /admin/* needs the admin key (404 without one configured); with API keys
+    configured every other route (and /metrics unless metrics_public) needs one of them. The admin
+    key is accepted everywhere."""
+    config = request.app[CONFIG]
+    path = request.path
+    keys = request.app[KEYRING]
+    if path.startswith("/health/"):
+        return await handler(request)
+    given = given_key(request) if config.admin_key or keys.enabled else None
+    admin = bool(config.admin_key and given and hmac.compare_digest(given.encode(), config.admin_key.encode()))
+    request[ADMIN] = admin
+    if path.startswith("/admin/"):
+        if not config.admin_key:
+            raise web.HTTPNotFound()
+        if not admin:
+            raise ApiError(Kind.AUTHENTICATION, "admin routes need the admin key (x-api-key)")
+        return await handler(request)
+    if not keys.enabled or (path == "/metrics" and config.metrics_public):
+        return await handler(request)
+    if given is None:
+        raise ApiError(Kind.AUTHENTICATION, "missing API key: send x-api-key or Authorization: Bearer")
+    tenant = ADMIN_TENANT if admin else keys.tenant(given)
+    if tenant is None:
+        raise ApiError(Kind.AUTHENTICATION, "invalid API key")
+    request[TENANT] = tenant_id(tenant)  # cache entries are scoped to the tenant
+    request[KEY] = key_id(given)
+    return await handler(request)

@@ -1,0 +1,285 @@
+"""The dialect-neutral half of a request: decode, tokenize, check limits, queue, wait for a slot.
+
+anthropic.py and openai.py turn their bodies into a `Generation`, call `Service.start`, and render
+the resulting Sequence's text and `Finished` event back in their own format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import msgspec
+
+from semcache.text.chat import ChatMessage, PromptRenderer
+from semcache.ops.config import Config
+from semcache.engine.engine import Engine
+from semcache.ops.errors import ApiError, Kind, invalid
+from semcache.text.grammar import GrammarError, Grammars, json_grammar
+from semcache.cache.index import AgentCache
+from semcache.ops.ratelimit import Grant, RateLimited, RateLimiter
+from semcache.scheduler.scheduler import Overloaded, Scheduler, TooLarge
+from semcache.scheduler.sequence import Finished, FinishReason, SamplingParams, Sequence
+from semcache.text.tools import Tool, ToolChoice, ToolFormat, format_for
+
+T = TypeVar("T")
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+PRIORITY_RANGE = (0, 9)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What both dialects ask for, once decoded."""
+
+    messages: list[ChatMessage]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    priority: int = 5
+    continue_final: bool = False  # a trailing assistant message is a prefill to continue
+    tenant: str = "default"
+    agent: str | None = None
+    breakpoint: list[ChatMessage] | None = None  # the conversation up to its last cache_control mark
+    rate_key: str = "anonymous"  # whose rate-limit buckets pay for it
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    json_mode: bool = False  # OpenAI response_format: the answer is JSON (matching json_schema if set)
+    json_schema: dict | None = None
+
+
+def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode a request body once; msgspec's message names the JSON path of the bad field."""
+    if not raw.strip():
+        raise invalid("the request body is empty; expected a JSON object")
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        match = _PATH_RE.search(str(exc))
+        raise invalid(str(exc), param=match.group(1) if match else None) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec's wording and exception type for bad UTF-8 differ between releases (0.19 raised
+        # UnicodeDecodeError, 0.23 a DecodeError "Invalid UTF-8"): say it in our own words.
+        raise invalid(_undecodable(raw, exc)) from None
+    except RecursionError:  # msgspec's depth limit: [[[...]]] anywhere, even in an ignored field
+        raise invalid("the request body is nested too deeply to decode") from None
+
+
+def _undecodable(raw: bytes, exc: Exception) -> str:
+    """What is wrong with a body the decoder refused: bad UTF-8 (with its byte offset) or bad JSON."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"the request body is not valid UTF-8: byte {bad.start} cannot start or continue a character"
+    return f"the request body is not valid JSON: {exc}"
+
+
+def parse_priority(header: str | None, body_value: int | None, default: int) -> int:
+    """X-Priority header wins over a body `priority`; lower is served first."""
+    raw: Any = header if header is not None else body_value
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise invalid(f"priority must be an integer, got {raw!r}", param="priority") from None
+    low, high = PRIORITY_RANGE
+    if not low <= value <= high:
+        raise invalid(f"priority must be between {low} and {high}, got {value}", param="priority")
+    return value
+
+
+def charge(limiter: RateLimiter, key: str, tokens: int) -> Grant:
+    """Take one request and `tokens` from the key's buckets, or raise the dialect-neutral ApiError
+    (429 with Retry-After; 400 for a request that could never fit the token budget)."""
+    try:
+        return limiter.acquire(key, tokens)
+    except RateLimited as exc:
+        if exc.never:
+            raise invalid(exc.message, param="max_tokens") from None
+        raise ApiError(Kind.RATE_LIMIT, f"rate limit exceeded: {exc.message}",
+                       retry_after=max(1, math.ceil(exc.retry_after))) from None
+
+
+def failure(finished: Finished) -> ApiError:
+    """The API error for a sequence that ended without an answer (aborted by the server, or failed).
+    An abort with a message is the daemon shutting down: 503 in both dialects."""
+    if finished.reason is FinishReason.ABORT and finished.error:
+        return ApiError(Kind.UNAVAILABLE, finished.error, retry_after=5)
+    if finished.reason is FinishReason.ABORT:
+        return ApiError(Kind.OVERLOADED, "the request was cancelled by the server", retry_after=5)
+    return ApiError(Kind.INTERNAL, finished.error or "generation failed")
+
+
+def refusal(exc: Overloaded) -> ApiError:
+    """A capacity refusal: 529/503 overloaded, or 503 unavailable while the daemon shuts down."""
+    kind = Kind.UNAVAILABLE if exc.unavailable else Kind.OVERLOADED
+    return ApiError(kind, f"overloaded: {exc}", retry_after=exc.retry_after)
+
+
+def settle_heap() -> None:
+    """Move everything alive once loaded (model, tokenizer, templates) out of the collector's view:
+    a full collection then scans only what requests allocate, instead of pausing the event loop for
+    every object of the start-up heap (tens of ms here, more on a loaded machine)."""
+    gc.unfreeze()  # after a swap, the old model's objects may go
+    gc.collect()
+    gc.freeze()
+
+
+class Service:
+    """What handlers need from the layers below, in one place (lives under an AppKey)."""
+
+    def __init__(self, config: Config, engine: Engine, scheduler: Scheduler, cache: AgentCache | None = None,
+                 limiter: Any = None):
+        self.config = config
+        self.engine = engine
+        self.scheduler = scheduler
+        self.cache = cache
+        self.limiter = limiter  # ratelimit.RateLimiter, charged here: a limited request never queues
+        self._swap = asyncio.Lock()
+        self._not_swapping = asyncio.Event()  # cleared during a model swap: new prompts wait for it
+        self._not_swapping.set()
+        self._renderer: PromptRenderer | None = None
+        self._grammars: Grammars | None = None  # per model: reset with the renderer on a swap
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine.info is not None and self.scheduler.ready
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.info.model_id if self.engine.info else "loading"
+
+    def require_loaded(self) -> None:
+        if not self.loaded:
+            raise ApiError(Kind.OVERLOADED, "the model is still loading", retry_after=2)
+
+    async def tokenize(self, messages: list[ChatMessage], continue_final: bool = False,
+                       generate: bool = True, tools: list[Tool] | tuple[Tool, ...] = ()) -> list[int]:
+        """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes).
+        Without `generate`, the assistant turn is not opened (a prefix of any next turn's prompt)."""
+        return await self._render(self.renderer.render, messages, continue_final, generate, list(tools))
+
+    @property
+    def tool_format(self) -> ToolFormat:
+        return self.renderer.tool_format
+
+    async def constraint(self, gen: Generation) -> Any:
+        """A new grammar.Constraint enforcing the request's tool_choice or JSON mode, or None.
+        Compiled off the event loop (the first one builds the model's llguidance tokenizer)."""
+        if not gen.json_mode and not gen.tools:
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self.engine.tokenizer, self.engine.info.eos_token_ids)
+        try:
+            if gen.json_mode:
+                return await asyncio.to_thread(self._grammars.compile, json_grammar(gen.json_schema))
+            return await asyncio.to_thread(self._grammars.for_tools, self.tool_format, list(gen.tools),
+                                           gen.tool_choice)
+        except GrammarError as exc:
+            where = "response_format.json_schema.schema" if gen.json_mode else "tools"
+            raise invalid(f"{where} cannot be enforced: {exc}", param=where) from None
+
+    @property
+    def renderer(self) -> PromptRenderer:
+        self.require_loaded()
+        if self._renderer is None:
+            self._renderer = PromptRenderer(self.engine.tokenizer, format_for(self.engine.tokenizer))
+        return self._renderer
+
+    async def _render(self, fn, *args):
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except ApiError:
+            raise
+        except Exception as exc:  # jinja templates raise on histories they do not accept
+            raise invalid(f"the chat template rejected these messages: {exc}", param="messages") from None
+
+    async def start(self, gen: Generation, warm: bool = False) -> Sequence:
+        """Queue the generation and wait for its slot; the caller must abort the Sequence when done.
+        With `warm`, only prefill the conversation (no assistant turn opened) for the agent cache."""
+        try:
+            self.scheduler.reserve()  # a full queue refuses before any template work
+        except Overloaded as exc:
+            raise refusal(exc) from None
+        try:
+            seq = await self._prepare(gen, warm)
+        finally:
+            self.scheduler.unreserve()
+        try:
+            self.scheduler.submit(seq)
+            await self.scheduler.wait_admitted(seq)
+        except BaseException as exc:
+            self.release(seq)  # refused: nothing was used, the rate-limit charge comes back
+            if isinstance(exc, Overloaded):
+                raise refusal(exc) from None
+            if isinstance(exc, TooLarge):
+                raise invalid(str(exc), param="max_tokens") from None
+            raise
+        if seq.finished is not None and seq.finished.reason is FinishReason.ABORT:
+            self.release(seq)
+            raise failure(seq.finished)  # refused while queued: still a plain HTTP error, not a stream
+        return seq
+
+    async def _prepare(self, gen: Generation, warm: bool) -> Sequence:
+        """Tokenize (with the model that will run it), check the context, charge the rate limit."""
+        await self._not_swapping.wait()
+        prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools)
+        context = self.engine.info.context_length
+        if len(prompt_ids) >= context:
+            raise invalid(
+                f"prompt is too long: {len(prompt_ids)} tokens, but the model's context window is "
+                f"{context} tokens (at least one must be left to generate)",
+                param="messages",
+            )
+        seq = Sequence(
+            prompt_ids=prompt_ids,
+            max_tokens=min(gen.max_tokens, context - len(prompt_ids)),
+            sampling=replace(gen.sampling, constraint=None if warm else await self.constraint(gen)),
+            stop=gen.stop,
+            priority=gen.priority,
+            tenant=gen.tenant,
+            agent=gen.agent,
+            fingerprint=self.engine.info.fingerprint,
+        )
+        if gen.breakpoint:
+            seq.cache_breakpoint = await self._render(self.renderer.count_prefix, gen.messages, gen.breakpoint,
+                                                      list(gen.tools))
+        if warm:
+            seq.on_stored = asyncio.get_running_loop().create_future()
+        if self.limiter is not None:
+            seq.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + seq.max_tokens)
+        return seq
+
+    async def swap_model(self, spec: str) -> float:
+        """Load another model: new requests wait in the queue, running ones finish, then the swap;
+        this model's caches stay on disk under its fingerprint. On failure the old model stays."""
+        if self.scheduler.draining:
+            raise ApiError(Kind.UNAVAILABLE, "the server is shutting down", retry_after=5)
+        async with self._swap:
+            start = time.perf_counter()
+            self.scheduler.paused = True
+            self._not_swapping.clear()
+            try:
+                await self.scheduler.wait_idle()
+                await self.engine.swap(spec)
+                self._renderer = self._grammars = None
+                settle_heap()
+                if self.cache is not None:
+                    await self.cache.switch(self.engine.info.fingerprint)
+            finally:
+                self._not_swapping.set()
+                self.scheduler.resume()
+            return time.perf_counter() - start
+
+    def release(self, seq: Sequence) -> None:
+        """The handler is done with `seq`: stop it if still running; refund unused tokens."""
+        self.scheduler.abort(seq)
+        if seq.grant is not None:  # a request that never ran used nothing
+            ran = seq.admitted_at is not None
+            seq.grant.settle(seq.num_prompt_tokens + seq.num_output_tokens if ran else 0)
+

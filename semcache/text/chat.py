@@ -1,0 +1,182 @@
+"""Text side of generation: chat messages → token ids, incremental detokenizing, stop sequences."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+from semcache.text.tools import (
+    FALLBACK,
+    Tool,
+    ToolCall,
+    ToolFormat,
+    call_text,
+    fallback_system,
+    result_text,
+)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn. An assistant turn may end with tool calls; a "tool" turn is one call's result."""
+
+    role: str
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+class PromptRenderer:
+    """Renders a chat with the model's own template, then tokenizes without adding specials again."""
+
+    def __init__(self, tokenizer: Any, tool_format: ToolFormat = FALLBACK):
+        self.tokenizer = tokenizer
+        self.tool_format = tool_format
+
+    def render(self, messages: list[ChatMessage], continue_final: bool = False, generate: bool = True,
+               tools: list[Tool] | None = None) -> list[int]:
+        """Token ids for `messages`. Consecutive turns of one role are joined (strict templates reject
+        them); with `continue_final`, a trailing assistant message is continued, not closed; without
+        `generate`, no assistant turn is opened (the warm-up prompt of /v1/agents/{id}/warm)."""
+        text = self.text(messages, continue_final, generate, tools)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def text(self, messages: list[ChatMessage], continue_final: bool = False, generate: bool = True,
+             tools: list[Tool] | None = None) -> str:
+        native = self.tool_format.native
+        messages = merge_turns(messages if native else fallback_turns(messages, tools))
+        prefill = ""
+        if continue_final and messages and messages[-1].role == "assistant" and not messages[-1].tool_calls:
+            prefill = messages[-1].content
+            messages = messages[:-1]
+        dicts = [_template_dict(m) for m in messages]
+        extra = {"tools": [t.openai() for t in tools]} if tools and native else {}
+        return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generate,
+                                                  **extra) + prefill
+
+    def count_prefix(self, messages: list[ChatMessage], head: list[ChatMessage],
+                     tools: list[Tool] | None = None) -> int:
+        """Prompt tokens up to the end of `head`, a truncation of `messages` (a cache_control mark):
+        the tokens of the longest text the two renderings share."""
+        full = self.text(messages, tools=tools)
+        part = self.text(head, generate=False, tools=tools)
+        n = next((i for i, (a, b) in enumerate(zip(full, part)) if a != b), min(len(full), len(part)))
+        return len(self.tokenizer.encode(full[:n], add_special_tokens=False))
+
+
+def merge_turns(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Join consecutive messages of the same role into one turn (as the Anthropic API does); tool
+    results and turns with tool calls stay separate (templates render them apart)."""
+    runs: list[list[ChatMessage]] = []
+    for m in messages:
+        last = runs[-1][-1] if runs else None
+        if last is not None and last.role == m.role and m.role != "tool" and not last.tool_calls:
+            runs[-1].append(m)
+        else:
+            runs.append([m])
+    # one join per turn: joining message by message is quadratic (minutes for 100,000 messages)
+    return [run[0] if len(run) == 1 else ChatMessage(run[0].role, "\n\n".join(m.content for m in run),
+                                                    run[-1].tool_calls) for run in runs]
+
+
+def fallback_turns(messages: list[ChatMessage], tools: list[Tool] | None) -> list[ChatMessage]:
+    """The fallback tool format as plain turns: the tool list appended to the system prompt, calls
+    written after the assistant's text, results as user turns. A turn's text depends only on that
+    turn (and the tool list), so each prompt extends the previous prompt and reply."""
+    out = []
+    if tools:
+        block = fallback_system(tools)
+        if messages and messages[0].role == "system":
+            out.append(ChatMessage("system", messages[0].content + "\n\n" + block))
+            messages = messages[1:]
+        else:
+            out.append(ChatMessage("system", block))
+    for m in messages:
+        if m.tool_calls:
+            out.append(ChatMessage("assistant", m.content + call_text(m.tool_calls)))
+        elif m.role == "tool":
+            out.append(ChatMessage("user", result_text(m.content)))
+        else:
+            out.append(m)
+    return out
+
+
+def _template_dict(m: ChatMessage) -> dict:
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        d["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                           for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    return d
+
+
+class Detokenizer:
+    """Turns ids into text one token at a time, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer: Any):
+        # The Rust tokenizer directly: transformers' decode wrapper costs more than the decode itself.
+        self._decode = getattr(tokenizer, "backend_tokenizer", tokenizer).decode
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _text(self, ids: list[int]) -> str:
+        return self._decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._text(self.ids[self.prefix_offset : self.read_offset])
+        full = self._text(self.ids[self.prefix_offset :])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return full[len(prefix) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        prefix = self._text(self.ids[self.prefix_offset : self.read_offset])
+        full = self._text(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :] if len(full) > len(prefix) else ""
+
+
+class StopMatcher:
+    """Finds stop strings across chunk boundaries; text that might start a stop string is held back."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self._sorted = sorted(set(self.stops))
+        self._max_len = max(map(len, self.stops), default=0)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Return (text safe to emit, matched stop string or None). After a match, stop feeding."""
+        if not self.stops:
+            return text, None
+        buf = self.pending + text
+        hits = [(buf.find(s), s) for s in self.stops if s in buf]
+        if hits:
+            index, stop = min(hits)
+            self.pending = ""
+            return buf[:index], stop
+        keep = self._held_back(buf)
+        self.pending = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], None
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _held_back(self, buf: str) -> int:
+        """Length of the longest suffix of buf that is a proper prefix of a stop string (none is in
+        buf). The first sorted stop >= a suffix starts with it if any stop does, so the cost does not
+        grow with the number of stops: a caller may send thousands, and this runs on the event loop."""
+        for n in range(min(self._max_len - 1, len(buf)), 0, -1):
+            suffix = buf[len(buf) - n :]
+            i = bisect.bisect_left(self._sorted, suffix)
+            if i < len(self._sorted) and self._sorted[i].startswith(suffix):
+                return n
+        return 0
