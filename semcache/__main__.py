@@ -90,7 +90,7 @@ async def serve(config: Config) -> int:
         await stopping
         await drain(app, site, config.drain_timeout)
     log.info("shutting down")
-    app[SERVICE].scheduler.draining = True
+    app[SERVICE].start_draining()
     await runner.cleanup()  # the cache writes what is not on disk yet
     return code
 
@@ -99,21 +99,10 @@ async def drain(app, site, timeout: float) -> None:
     """Stop listening at once (a proxy sends new connections elsewhere), refuse queued and new
     requests (overloaded, Retry-After), let running ones finish for up to `timeout` seconds."""
     from semcache.http.appkeys import INFLIGHT, SERVICE
+    from semcache.service import lifecycle
 
-    scheduler = app[SERVICE].scheduler
-    scheduler.draining = True
     site._server.close()  # no new connections; the open ones stay to finish (or be refused)
-    scheduler.refuse_waiting("the server is shutting down")
-    log.info("draining: %d running, up to %.0f s", scheduler.num_running, timeout)
-    try:
-        await asyncio.wait_for(scheduler.wait_idle(), timeout)
-    except asyncio.TimeoutError:
-        log.warning("drain timeout: ending %d running requests", scheduler.num_running)
-        scheduler.abort_running("the server shut down before the answer was finished")
-        try:
-            await asyncio.wait_for(scheduler.wait_idle(), 5)
-        except asyncio.TimeoutError:  # a step that will not end: shut down around it
-            log.error("the engine step did not finish; shutting down anyway")
+    await lifecycle.drain(app[SERVICE], timeout)
     deadline = loop_time() + 5
     while app[INFLIGHT].count and loop_time() < deadline:  # let the handlers write their last bytes
         await asyncio.sleep(0.01)

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from semcache.engine.batch import Admission, StepResult
+from semcache.engine.types import Admission, ModelInfo, StepResult
 from semcache.ops.config import Config
-from semcache.engine.engine import ModelInfo
 from semcache.cache.kvdata import KVData
 
 FAKE_REPLY = "The quick brown fox jumps over the lazy dog."

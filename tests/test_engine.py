@@ -11,10 +11,9 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from semcache.engine.batch import Admission
+from semcache.engine.types import Admission, SamplingParams
 from semcache.engine.engine import MLXEngine, kv_bytes_per_token
 from semcache.engine.models import LoadedModel
-from semcache.scheduler.sequence import SamplingParams
 
 ATOL = 1e-4
 GREEDY = SamplingParams(temperature=0.0)

@@ -1,4 +1,4 @@
-"""Hostile bodies on every POST route (issue 5 §3): never a 5xx, every error in the route's dialect,
+"""Hostile bodies on every POST route: never a 5xx, every error in the route's dialect,
 and the daemon still answers correctly afterwards. Plus a regression test for each bug it found."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bounded loopback stress (issue 5 §2), driving the workloads of perf/stress.py (one implementation).
+"""Bounded loopback stress, driving the workloads of perf/stress.py (one implementation).
 
 Which daemon each test uses, and why:
 - overload: a real `python -m semcache serve` subprocess on the embedded model. Refusal latency is

@@ -244,7 +244,7 @@ def test_native_template_gets_the_tools_and_turn_two_reuses_turn_one(tokenizer):
     picked), and turn 2's prompt starts with turn 1's whole prompt and most of its reply."""
     import copy
 
-    from semcache.text.tools import format_for
+    from semcache.engine.toolformat import format_for
 
     native = copy.copy(tokenizer)
     native.chat_template = NATIVE_TEMPLATE

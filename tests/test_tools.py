@@ -18,9 +18,9 @@ from semcache.text.tools import (
     ToolChoice,
     ToolFormat,
     call_text,
-    format_for,
     join_text,
 )
+from semcache.engine.toolformat import format_for
 
 WEATHER = Tool("get_weather", "Current weather in a city",
                {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},

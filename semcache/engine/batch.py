@@ -9,7 +9,7 @@ logits only for the last position (the vocabulary projection is a fifth of the m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Collection, NamedTuple
+from typing import Any, Collection
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
@@ -17,28 +17,13 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from semcache.engine.batchkv import as_batch, restore, snapshot
 from semcache.cache.kvdata import KVData
 from semcache.engine.sampling import sample_batch
-from semcache.scheduler.sequence import SamplingParams
+from semcache.engine.types import Admission, SamplingParams, StepResult
 
 # Below this many common tokens, a group is cheaper to prefill with plain left padding.
 MIN_SHARED_PREFIX = 16
 IDLE_GROUP_FACTOR = 4
 # Model families whose __call__ is exactly `head(model.model(x))`; others go through model(x).
 _SPLITTABLE = ("llama", "qwen2", "qwen3", "mistral")
-
-
-@dataclass(frozen=True)
-class Admission:
-    """A sequence the scheduler hands the engine: prefill these ids, then decode with `sampling`."""
-
-    seq_id: int
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    prefix: KVData | None = None  # a cache hit: KV of the first prefix.num_tokens prompt ids
-
-
-class StepResult(NamedTuple):
-    tokens: dict[int, int]  # seq_id -> the token it sampled this step
-    kept: dict[int, KVData]  # seq_id -> KV of a released sequence that asked to keep it
 
 
 @dataclass(eq=False)

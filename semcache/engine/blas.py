@@ -1,7 +1,7 @@
 """Load the system OpenBLAS before MLX so CPU matmuls do not fall back to reference BLAS.
 
 Two traps, both measured on the project's Linux machines (2 Xeon cores with AVX-512):
-- The mlx-cpu wheel links a reference BLAS that is ~30x slower (../shared/FINDINGS.md §1). Loading
+- The mlx-cpu wheel links a reference BLAS that is ~30x slower (see docs/DESIGN.md, "CPU facts"). Loading
   OpenBLAS with RTLD_GLOBAL before `mlx.core` is imported makes its symbols win.
 - Debian's OpenBLAS 0.3.21 (DYNAMIC_ARCH) does not recognise this CPU model and falls back to its
   SSE3 "Prescott" kernels: sgemm at ~67 GFLOP/s instead of ~330 with its SkylakeX kernels. When

@@ -11,45 +11,12 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Collection, Protocol
+from typing import Any, Collection
 
-from semcache.engine.batch import Admission, Batcher, StepResult
+from semcache.engine.batch import Batcher
+from semcache.engine.types import Admission, ModelInfo, StepResult
 
 log = logging.getLogger("semcache.engine")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What layers above the engine may know about the model."""
-
-    model_id: str
-    context_length: int
-    eos_token_ids: frozenset[int]
-    kv_bytes_per_token: int
-    path: str = ""
-    backend: str = "cpu"
-    dtype: str = "float32"
-    nbytes: int = 0
-    fingerprint: str = ""
-
-
-class Engine(Protocol):
-    info: ModelInfo | None
-    tokenizer: Any
-
-    async def load(self) -> None:
-        """Load model and tokenizer (on the engine's own thread); sets `info` and `tokenizer`."""
-
-    async def step(self, admit: list[Admission], release: list[int], keep: Collection[int] = ()) -> StepResult:
-        """Drop `release` (returning the KV of those in `keep`), take in `admit` (starting from
-        their cached prefix), and advance everything one step."""
-
-    async def swap(self, model_spec: str) -> None:
-        """Replace the model (nothing may be running); on failure the current one stays and it raises."""
-
-    async def close(self) -> None:
-        """Free the model and stop the engine thread."""
 
 
 def kv_bytes_per_token(model: Any, itemsize: int) -> int:

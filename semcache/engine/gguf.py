@@ -1,6 +1,6 @@
 """GGUF files (llama family): weights renamed to mlx-lm's llama, tokenizer rebuilt from metadata.
 
-Facts from ../shared/FINDINGS.md §3: Q4_1/Q8_0 tensors load as MLX-quantized triples (group size 32),
+Measured on the embedded SmolLM2 GGUF: Q4_1/Q8_0 tensors load as MLX-quantized triples (group size 32),
 q/k are permuted for interleaved RoPE (so rope_traditional=True), embeddings may be tied.
 """
 

@@ -1,7 +1,7 @@
 """Model loading: the embedded GGUF default, any llama GGUF file, mlx-lm folders and HF repo ids.
 
-On CPU, weights are dequantized to float32 at load (FINDINGS §4: 2-7x faster than quantized or half
-precision kernels there); on Metal and CUDA they stay quantized.
+On CPU, weights are dequantized to float32 at load (measured on the embedded model: 2-7x faster than
+quantized or half precision kernels there; docs/DESIGN.md, "CPU facts"); on Metal and CUDA they stay quantized.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from msgspec import Meta, Struct
 
 from semcache.ops.errors import ApiError, Kind, ModelLoadError, invalid
 from semcache.http.appkeys import METRICS, SERVICE
-from semcache.service.service import decode_body
+from semcache.http.body import decode_body
 from semcache.ops.tenants import tenant_id
 
 
@@ -39,8 +39,8 @@ async def swap_model(request: web.Request) -> web.Response:
         raise invalid(f"the model was not swapped: {exc}", param="model") from None
     except Exception as exc:  # any load failure leaves the old model serving
         raise ApiError(Kind.INVALID_REQUEST, f"the model was not swapped: {exc}", param="model") from None
-    info = service.engine.info
-    request.app[METRICS].model_load_seconds.set(getattr(service.engine, "load_seconds", 0.0) or seconds)
+    info = service.info
+    request.app[METRICS].model_load_seconds.set(service.load_seconds or seconds)
     return web.json_response({"model": info.model_id, "path": info.path, "fingerprint": info.fingerprint,
                               "seconds": round(seconds, 3)})
 
@@ -49,7 +49,7 @@ async def purge_tenant(request: web.Request) -> web.Response:
     """Delete every cached entry of a tenant (by name; a bare key's tenant is named by the key)."""
     service = request.app[SERVICE]
     name = request.match_info["tenant"]
-    if service.cache is None:
+    if not service.has_cache:
         raise invalid("the agent cache is disabled (cache_enabled = false)")
-    deleted = await service.cache.purge(tenant_id(name))
+    deleted = await service.purge_tenant(tenant_id(name))
     return web.json_response({"tenant": name, "deleted": deleted})

@@ -12,9 +12,8 @@ from semcache.http import anthropic, openai
 from semcache.ops.errors import ApiError, Kind, invalid
 from semcache.http.identity import DEFAULT_TENANT, TENANT, check_agent_id, rate_key
 from semcache.http.appkeys import SERVICE
-from semcache.cache.index import AgentCache
-from semcache.scheduler.sequence import FinishReason, SamplingParams
-from semcache.service.service import Generation, Service, decode_body, failure
+from semcache.http.body import decode_body
+from semcache.service.service import FinishReason, Generation, SamplingParams, Service, failure
 
 
 class AnthropicWarm(Struct, kw_only=True):
@@ -54,12 +53,12 @@ def routes() -> list[web.RouteDef]:
     ]
 
 
-def _scope(request: web.Request, anon_ok: bool = True) -> tuple[Service, AgentCache | None, str, str | None]:
+def _scope(request: web.Request, anon_ok: bool = True) -> tuple[Service, str, str | None]:
     service = request.app[SERVICE]
     agent = request.match_info.get("agent_id")
     if agent is not None:
         agent = check_agent_id(agent, "agent_id", anon_ok=anon_ok)
-    return service, service.cache, request.get(TENANT, DEFAULT_TENANT), agent
+    return service, request.get(TENANT, DEFAULT_TENANT), agent
 
 
 def _not_found(agent: str) -> ApiError:
@@ -67,14 +66,14 @@ def _not_found(agent: str) -> ApiError:
 
 
 async def list_agents(request: web.Request) -> web.Response:
-    _, cache, tenant, _ = _scope(request)
-    entries = cache.agents(tenant) if cache is not None else []
+    service, tenant, _ = _scope(request)
+    entries = service.agents(tenant)
     return web.json_response({"object": "list", "data": [e.describe() for e in entries]})
 
 
 async def get_agent(request: web.Request) -> web.Response:
-    _, cache, tenant, agent = _scope(request)
-    entries = cache.agents(tenant, agent) if cache is not None else []
+    service, tenant, agent = _scope(request)
+    entries = service.agents(tenant, agent)
     if not entries:
         raise _not_found(agent)
     return web.json_response(_agent_body(agent, entries))
@@ -90,16 +89,16 @@ def _agent_body(agent: str, entries: list) -> dict:
 
 
 async def delete_agent(request: web.Request) -> web.Response:
-    _, cache, tenant, agent = _scope(request)
-    count = await cache.delete(tenant, agent) if cache is not None else 0
+    service, tenant, agent = _scope(request)
+    count = await service.delete_agent(tenant, agent)
     if not count:
         raise _not_found(agent)
     return web.json_response({"agent_id": agent, "deleted": True, "entries": count})
 
 
 async def evict_agent(request: web.Request) -> web.Response:
-    _, cache, tenant, agent = _scope(request)
-    entries = await cache.evict(tenant, agent) if cache is not None else []
+    service, tenant, agent = _scope(request)
+    entries = await service.evict_agent(tenant, agent)
     if not entries:
         raise _not_found(agent)
     return web.json_response(_agent_body(agent, entries))
@@ -107,8 +106,8 @@ async def evict_agent(request: web.Request) -> web.Response:
 
 async def warm_agent(request: web.Request) -> web.Response:
     """Prefill and store a conversation without generating (an Anthropic or OpenAI messages body)."""
-    service, cache, tenant, agent = _scope(request, anon_ok=False)
-    if cache is None:
+    service, tenant, agent = _scope(request, anon_ok=False)
+    if not service.has_cache:
         raise invalid("the agent cache is disabled (cache_enabled = false)")
     messages, tools = _warm_messages(request, await request.read())
     gen = Generation(messages=messages, max_tokens=0, sampling=SamplingParams(temperature=0.0),

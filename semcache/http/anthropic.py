@@ -21,8 +21,8 @@ from semcache.http.anthropic_request import (  # noqa: F401  (re-exported: agent
 from semcache.ops.errors import anthropic_body
 from semcache.http.identity import identity, note_usage, priority, rate_key
 from semcache.http.appkeys import SERVICE
-from semcache.scheduler.sequence import FinishReason, SamplingParams, Sequence
-from semcache.service.service import Generation, decode_body, failure
+from semcache.http.body import decode_body
+from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, failure
 from semcache.text.tools import (
     CallScanner,
     Text,
@@ -108,10 +108,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
         msg_id = "msg_" + secrets.token_hex(12)
         scanner = CallScanner(service.tool_format, tools, "toolu_") if tools else None
         if body.stream:
-            return await _stream(request, body, seq, msg_id, scanner, service.scheduler.abort)
+            return await _stream(request, body, seq, msg_id, scanner, service.stop)
         events = await collect(seq.stream(), scanner)
         if scanner and scanner.done:
-            service.scheduler.abort(seq)  # stopped at a repeated call: free the slot, keep the KV
+            service.stop(seq)  # stopped at a repeated call: free the slot, keep the KV
         elif seq.finished.reason not in STOP_REASONS:
             raise failure(seq.finished)
         content = [{"type": "text", "text": e.text} if isinstance(e, Text) else _tool_use(e.call) for e in events]

@@ -9,7 +9,6 @@ from aiohttp import web
 if TYPE_CHECKING:
     from semcache.ops.config import Config
     from semcache.ops.metrics import Metrics
-    from semcache.http.middleware import Inflight
     from semcache.ops.ratelimit import RateLimiter
     from semcache.ops.tenants import KeyRing
     from semcache.service.service import Service
@@ -19,5 +18,12 @@ SERVICE: web.AppKey["Service"] = web.AppKey("service")
 METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
 KEYRING: web.AppKey["KeyRing"] = web.AppKey("keyring")
 LIMITER: web.AppKey["RateLimiter | None"] = web.AppKey("limiter")
-# Requests being handled (a drain waits for their last bytes before the server shuts down).
-INFLIGHT: web.AppKey["Inflight"] = web.AppKey("inflight")
+
+
+class Inflight:
+    """How many requests are being handled (a drain waits for their last bytes before shutting down)."""
+
+    count = 0
+
+
+INFLIGHT: web.AppKey[Inflight] = web.AppKey("inflight")

@@ -8,8 +8,8 @@ from aiohttp import web
 
 from semcache.ops.errors import ApiError, Kind, invalid
 from semcache.http.appkeys import CONFIG
-from semcache.cache.index import ANON
-from semcache.service.service import parse_priority
+from semcache.http.body import parse_priority
+from semcache.service.service import ANON
 
 TENANT = "tenant"  # request key, set by the auth middleware: the tenant's id (tenants.tenant_id)
 KEY = "key_id"  # request key: which API key was used (tenants.key_id), for rate limits and logs

@@ -55,12 +55,6 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
     return response
 
 
-class Inflight:
-    """How many requests are being handled (a drain waits for their last bytes)."""
-
-    count = 0
-
-
 @web.middleware
 async def request_context(request: web.Request, handler):
     """Outermost: a request id for every response (set at prepare, so SSE streams get it), the

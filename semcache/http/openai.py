@@ -23,8 +23,8 @@ from semcache.http.openai_request import (  # noqa: F401  (re-exported: agents.p
     parse_tools,
     response_json,
 )
-from semcache.scheduler.sequence import FinishReason, SamplingParams, Sequence
-from semcache.service.service import Generation, decode_body, failure
+from semcache.http.body import decode_body
+from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, failure
 from semcache.text.tools import (
     CallScanner,
     Text,
@@ -86,13 +86,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "id": "chatcmpl-" + secrets.token_hex(12),
             "created": int(time.time()),
             "model": body.model,
-            "system_fingerprint": "fp_" + service.engine.info.fingerprint[:10],
+            "system_fingerprint": "fp_" + service.info.fingerprint[:10],
         }
         scanners = [CallScanner(service.tool_format, tools, "call_") if tools else None for _ in seqs]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(request, seqs, head, include_usage, scanners, choice, service.scheduler.abort)
-        answers = await asyncio.gather(*(_collect(seq, scanner, service.scheduler.abort)
+            return await _stream(request, seqs, head, include_usage, scanners, choice, service.stop)
+        answers = await asyncio.gather(*(_collect(seq, scanner, service.stop)
                                          for seq, scanner in zip(seqs, scanners)))
         for seq, scanner in zip(seqs, scanners):
             if not (scanner and scanner.done) and seq.finished.reason not in FINISH_REASONS:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from semcache.text.chat import Detokenizer, StopMatcher
-from semcache.engine.engine import ModelInfo
+from semcache.engine.types import ModelInfo
 from semcache.ops.metrics import Metrics
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence, Status
 

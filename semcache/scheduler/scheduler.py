@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from semcache.engine.batch import Admission
-from semcache.engine.engine import Engine
+from semcache.engine.types import Admission, Engine
 from semcache.cache.index import MISS, AgentCache, Match
 from semcache.ops.metrics import Metrics
 from semcache.scheduler.running import Running
@@ -147,6 +146,14 @@ class Scheduler:
             self.waiting.left(seq)
             self.metrics.queue_depth.set(self.num_waiting)
         self.running.end(seq, Finished(FinishReason.ABORT, error=error), Status.ABORTED)
+
+    def open(self) -> None:
+        """The model is loaded: accept requests."""
+        self.ready = True
+
+    def start_draining(self) -> None:
+        """Refuse every new request from now on (the daemon is shutting down)."""
+        self.draining = True
 
     def resume(self) -> None:
         """Admit again after a pause (a model swap)."""

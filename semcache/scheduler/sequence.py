@@ -8,6 +8,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from semcache.engine.types import SamplingParams
+
 _ids = itertools.count(1)
 
 
@@ -27,32 +29,6 @@ class FinishReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"
     ABORT = "abort"
     ERROR = "error"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    # grammar.Constraint: this sequence's own grammar state (tool_choice, response_format); only
-    # tokens it allows are sampled. One per sequence: it advances with every sampled token.
-    constraint: Any = field(default=None, compare=False)
-
-    @classmethod
-    def from_request(cls, temperature: float | None, top_p: float | None, top_k: int | None,
-                     seed: int | None = None) -> "SamplingParams":
-        """Unset fields keep the defaults above; top_k <= 0 (vLLM's -1 included) means no top-k."""
-        return cls(
-            temperature=cls.temperature if temperature is None else temperature,
-            top_p=cls.top_p if top_p is None else top_p,
-            top_k=max(0, top_k or 0),
-            seed=seed,
-        )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
 
 
 @dataclass(frozen=True)

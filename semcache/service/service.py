@@ -9,27 +9,26 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
-import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
-
-import msgspec
+from typing import Any
 
 from semcache.text.chat import ChatMessage, PromptRenderer
 from semcache.ops.config import Config
-from semcache.engine.engine import Engine
+from semcache.engine.types import Engine, ModelInfo, SamplingParams
 from semcache.ops.errors import ApiError, Kind, invalid
 from semcache.text.grammar import GrammarError, Grammars, json_grammar
-from semcache.cache.index import AgentCache
+from semcache.cache.index import ANON, AgentCache
 from semcache.ops.ratelimit import Grant, RateLimited, RateLimiter
 from semcache.scheduler.scheduler import Overloaded, Scheduler, TooLarge
-from semcache.scheduler.sequence import Finished, FinishReason, SamplingParams, Sequence
-from semcache.text.tools import Tool, ToolChoice, ToolFormat, format_for
+from semcache.scheduler.sequence import Finished, FinishReason, Sequence
+from semcache.engine.toolformat import format_for
+from semcache.text.tools import Tool, ToolChoice, ToolFormat
 
-T = TypeVar("T")
-_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
-PRIORITY_RANGE = (0, 9)
+# What the HTTP layer may know of the layers below, handed on here: the service is its only seam.
+__all__ = ["ANON", "FinishReason", "Finished", "Generation", "ModelInfo", "SamplingParams", "Sequence", "Service",
+           "charge", "failure", "refusal"]
+
 
 
 @dataclass(frozen=True)
@@ -50,47 +49,6 @@ class Generation:
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     json_mode: bool = False  # OpenAI response_format: the answer is JSON (matching json_schema if set)
     json_schema: dict | None = None
-
-
-def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
-    """Decode a request body once; msgspec's message names the JSON path of the bad field."""
-    if not raw.strip():
-        raise invalid("the request body is empty; expected a JSON object")
-    try:
-        return decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        match = _PATH_RE.search(str(exc))
-        raise invalid(str(exc), param=match.group(1) if match else None) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        # msgspec's wording and exception type for bad UTF-8 differ between releases (0.19 raised
-        # UnicodeDecodeError, 0.23 a DecodeError "Invalid UTF-8"): say it in our own words.
-        raise invalid(_undecodable(raw, exc)) from None
-    except RecursionError:  # msgspec's depth limit: [[[...]]] anywhere, even in an ignored field
-        raise invalid("the request body is nested too deeply to decode") from None
-
-
-def _undecodable(raw: bytes, exc: Exception) -> str:
-    """What is wrong with a body the decoder refused: bad UTF-8 (with its byte offset) or bad JSON."""
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as bad:
-        return f"the request body is not valid UTF-8: byte {bad.start} cannot start or continue a character"
-    return f"the request body is not valid JSON: {exc}"
-
-
-def parse_priority(header: str | None, body_value: int | None, default: int) -> int:
-    """X-Priority header wins over a body `priority`; lower is served first."""
-    raw: Any = header if header is not None else body_value
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise invalid(f"priority must be an integer, got {raw!r}", param="priority") from None
-    low, high = PRIORITY_RANGE
-    if not low <= value <= high:
-        raise invalid(f"priority must be between {low} and {high}, got {value}", param="priority")
-    return value
 
 
 def charge(limiter: RateLimiter, key: str, tokens: int) -> Grant:
@@ -145,6 +103,60 @@ class Service:
         self._not_swapping.set()
         self._renderer: PromptRenderer | None = None
         self._grammars: Grammars | None = None  # per model: reset with the renderer on a swap
+
+    # What the HTTP layer reads and asks for -------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo | None:
+        return self.engine.info
+
+    @property
+    def load_seconds(self) -> float:
+        """How long the model took to load (0 for an engine that does not say)."""
+        return getattr(self.engine, "load_seconds", 0.0) or 0.0
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def draining(self) -> bool:
+        return self.scheduler.draining
+
+    @property
+    def queue_full(self) -> bool:
+        return self.scheduler.queue_full
+
+    @property
+    def has_cache(self) -> bool:
+        return self.cache is not None
+
+    def start_draining(self) -> None:
+        """Refuse every new request from now on (the daemon is shutting down)."""
+        self.scheduler.start_draining()
+
+    def stop(self, seq: Sequence) -> None:
+        """Stop `seq` now (the client went away, or a repeated tool call ended it); its KV is kept."""
+        self.scheduler.abort(seq)
+
+    def agents(self, tenant: str, agent: str | None = None) -> list:
+        """The tenant's cache entries (one agent's, with `agent`), newest use first."""
+        return self.cache.agents(tenant, agent) if self.cache is not None else []
+
+    async def delete_agent(self, tenant: str, agent: str) -> int:
+        return await self.cache.delete(tenant, agent) if self.cache is not None else 0
+
+    async def evict_agent(self, tenant: str, agent: str) -> list:
+        return await self.cache.evict(tenant, agent) if self.cache is not None else []
+
+    async def purge_tenant(self, tenant: str) -> int:
+        return await self.cache.purge(tenant) if self.cache is not None else 0
+
+    # The request path -----------------------------------------------------------------------
 
     @property
     def loaded(self) -> bool:

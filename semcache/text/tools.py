@@ -15,7 +15,6 @@ Two kinds of model:
 
 from __future__ import annotations
 
-import importlib
 import json
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -102,24 +101,6 @@ class ToolFormat:
 
 
 FALLBACK = ToolFormat(FALLBACK_START, FALLBACK_END, native=False, json_body=True)
-
-
-def format_for(tokenizer: Any) -> ToolFormat:
-    """The model's own format when mlx-lm knows its family and its template takes tools, else FALLBACK."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if not isinstance(template, str) or "tools" not in template:
-        return FALLBACK
-    try:
-        from mlx_lm.tokenizer_utils import _infer_tool_parser
-
-        name = _infer_tool_parser(tokenizer)
-        module = importlib.import_module(f"mlx_lm.tool_parsers.{name}") if name else None
-    except Exception:
-        module = None
-    if module is None:
-        return FALLBACK
-    return ToolFormat(module.tool_call_start, module.tool_call_end, native=True,
-                      json_body=name == "json_tools", _parse=module.parse_tool_call)
 
 
 # The fallback prompt -----------------------------------------------------------------------------

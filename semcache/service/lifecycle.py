@@ -1,0 +1,143 @@
+"""The daemon's life below HTTP: build the service from config, load and run, drain, close.
+
+The HTTP layer binds the port, then runs `run(service)` in one background task; SIGTERM calls
+`drain`, and the app's cleanup calls `close`, which writes what the cache holds only in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from semcache.cache.entryfile import CacheDirLocked
+from semcache.cache.index import AgentCache, CacheLimits
+from semcache.engine.blas import BLAS_INFO, INSTALL_HINT, is_slow
+from semcache.engine.types import Engine
+from semcache.ops.config import Config
+from semcache.ops.metrics import Metrics
+from semcache.ops.ratelimit import RateLimiter
+from semcache.scheduler.scheduler import Limits, Scheduler
+from semcache.service.service import Service, settle_heap
+
+log = logging.getLogger("semcache")
+EXPIRE_EVERY = 600.0  # seconds between sweeps for cache entries past their TTL
+
+
+def build(config: Config, metrics: Metrics, limiter: RateLimiter | None, engine: Engine | None = None) -> Service:
+    """The service and everything below it. Without `engine`, an MLXEngine on `config.model`
+    (loaded by `run`, on its own thread)."""
+    if engine is None:
+        from semcache.engine.engine import MLXEngine
+
+        engine = MLXEngine(config.model, prefill_chunk=config.prefill_chunk)
+    limits = Limits(
+        max_active=config.max_active,
+        kv_budget=config.kv_budget,
+        max_queue=config.max_queue,
+        max_queue_wait=config.max_queue_wait,
+        stream_buffer=config.stream_buffer,
+        batch_wait=config.batch_wait,
+    )
+    cache = make_cache(config, metrics) if config.cache_enabled else None
+    return Service(config, engine, Scheduler(engine, limits, cache, metrics=metrics), cache, limiter)
+
+
+def make_cache(config: Config, metrics: Metrics) -> AgentCache:
+    limits = CacheLimits(
+        memory_budget=config.cache_memory_budget,
+        disk_budget=config.cache_disk_budget,
+        ttl=config.cache_ttl,
+        min_prefix=config.cache_min_prefix,
+        encoding=config.cache_disk_encoding,
+        write_through=config.cache_write_through,
+    )
+    return AgentCache(limits, Path(config.cache_dir).expanduser(), metrics)
+
+
+async def run(service: Service) -> None:
+    """Lock the cache folder, load the model, open the cache, then run the scheduler loop; it ends
+    only by error (the daemon exits 1, having said why) or cancellation."""
+    cache = service.cache
+    if cache is not None:
+        try:
+            await cache.lock()  # before the model: a second daemon on this folder fails fast
+        except CacheDirLocked as exc:
+            log.error("%s", exc)
+            raise
+    await _load(service)
+    try:
+        if cache is not None:
+            await cache.open(service.info.fingerprint)
+        settle_heap()
+        service.scheduler.open()
+        log.info("ready")
+        await asyncio.gather(service.scheduler.run(), _expire_loop(cache))
+    except Exception:
+        log.exception("the agent cache or the scheduler loop failed")
+        raise
+
+
+async def _load(service: Service) -> None:
+    engine = service.engine
+    log.info("model loading: %s", _describe_model(service.config.model))
+    if is_slow(BLAS_INFO):
+        log.warning("BLAS: %s; CPU inference will be ~30x slower. Install OpenBLAS: %s", BLAS_INFO, INSTALL_HINT)
+    else:
+        log.info("BLAS: %s", BLAS_INFO)
+    try:
+        await engine.load()
+    except Exception as exc:  # the serve command awaits this task and exits non-zero
+        log.error("model failed to load: %s", exc)
+        raise
+    info = engine.info
+    seconds = service.load_seconds
+    service.scheduler.metrics.model_load_seconds.set(seconds)
+    service.scheduler.metrics.sample_process()
+    log.info("model loaded in %.1f s: %s (%s, %.0f MB, %s on %s, context %d)", seconds, info.model_id,
+             info.path, info.nbytes / 1e6, info.dtype, info.backend, info.context_length)
+
+
+async def _expire_loop(cache: AgentCache | None) -> None:
+    while cache is not None:
+        await asyncio.sleep(EXPIRE_EVERY)
+        cache.expire()
+
+
+def _describe_model(spec: str | None) -> str:
+    from semcache.engine.models import ModelLoadError, describe
+
+    try:
+        return describe(spec)
+    except ModelLoadError as exc:
+        return f"{spec or 'embedded model'} ({exc})"
+
+
+async def drain(service: Service, timeout: float) -> None:
+    """Refuse queued and new requests (overloaded, Retry-After) and let running ones finish for up to
+    `timeout` seconds; then end them with an error."""
+    scheduler = service.scheduler
+    service.start_draining()
+    scheduler.refuse_waiting("the server is shutting down")
+    log.info("draining: %d running, up to %.0f s", scheduler.num_running, timeout)
+    try:
+        await asyncio.wait_for(scheduler.wait_idle(), timeout)
+    except asyncio.TimeoutError:
+        log.warning("drain timeout: ending %d running requests", scheduler.num_running)
+        scheduler.abort_running("the server shut down before the answer was finished")
+        try:
+            await asyncio.wait_for(scheduler.wait_idle(), 5)
+        except asyncio.TimeoutError:  # a step that will not end: shut down around it
+            log.error("the engine step did not finish; shutting down anyway")
+
+
+async def close(service: Service) -> None:
+    """Refuse new work, write the cache's memory-only entries to disk, free the model."""
+    service.start_draining()
+    try:
+        if service.cache is not None:
+            await service.cache.close()  # memory entries not yet on disk are written now
+    finally:
+        await service.engine.close()
+
+
