@@ -97,14 +97,20 @@ class TestAnthropicMessages:
         assert r.status == 200
 
     async def test_system_role_in_messages(self, make_client):
-        """A leading system message is accepted; one after other turns is a 400 naming it."""
+        """System messages are accepted anywhere, even last (Claude Code sends environment notes and
+        reminders mid-conversation), and rendered where they stand."""
         client = await make_client()
         first = {**MSG, "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]}
         assert (await client.post("/v1/messages", json=first)).status == 200
-        late = {**MSG, "messages": [{"role": "user", "content": "U"}, {"role": "system", "content": "S"}]}
+        late = {**MSG, "messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
+                                    {"role": "system", "content": "S"}, {"role": "user", "content": "V"},
+                                    {"role": "system", "content": "last"}]}
         r = await client.post("/v1/messages", json=late)
-        assert r.status == 400
-        assert_anthropic_error(await r.json(), "invalid_request_error", "system")
+        assert r.status == 200, await r.text()
+        counted = await client.post("/v1/messages/count_tokens", json={k: v for k, v in late.items() if k != "max_tokens"})
+        usage = (await r.json())["usage"]
+        assert (await counted.json())["input_tokens"] == (usage["input_tokens"] + usage["cache_read_input_tokens"]
+                                                          + usage["cache_creation_input_tokens"])
 
     async def test_prefill_with_trailing_whitespace_is_400(self, make_client):
         """A final assistant message ending in whitespace is refused, as the real API does."""

@@ -76,3 +76,33 @@ class TestPromptRenderer:
         tok.chat_template = CHATML_TEMPLATE
         text = tok.decode(PromptRenderer(tok).render([ChatMessage("system", "S"), ChatMessage("user", "U")]))
         assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+
+
+class TestMidConversationSystemMessages:
+    MESSAGES = [ChatMessage("system", "Be brief."), ChatMessage("user", "hi"), ChatMessage("assistant", "hello"),
+                ChatMessage("system", "The time is noon."), ChatMessage("user", "and now?")]
+
+    def test_a_template_that_allows_them_renders_them_in_place(self, tokenizer):
+        """ChatML renders a later system message where it stands, so the earlier turns stay a prefix."""
+        renderer = PromptRenderer(tokenizer)
+        text = renderer.text(self.MESSAGES)
+        assert "<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>system\nThe time is noon.<|im_end|>" \
+               "\n<|im_start|>user\nand now?<|im_end|>" in text
+        assert text.startswith(renderer.text(self.MESSAGES[:3], generate=False))
+
+    def test_a_template_that_rejects_them_gets_system_reminder_user_turns(self, tokenizer):
+        """A strict template (it raises on a system message after the first) renders each later one
+        as a <system-reminder> user turn, joined with the next user turn."""
+
+        class Strict:
+            def encode(self, text, add_special_tokens=False):
+                return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+            def apply_chat_template(self, dicts, tokenize=False, add_generation_prompt=True, **extra):
+                if any(d["role"] == "system" for d in dicts[1:]):
+                    raise ValueError("System role only at the start")
+                return "".join(f"[{d['role']}]{d['content']}" for d in dicts) + ("[assistant]" if add_generation_prompt else "")
+
+        text = PromptRenderer(Strict()).text(self.MESSAGES)
+        assert text == ("[system]Be brief.[user]hi[assistant]hello"
+                        "[user]<system-reminder>\nThe time is noon.\n</system-reminder>\n\nand now?[assistant]")

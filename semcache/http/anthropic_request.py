@@ -159,13 +159,9 @@ def chat_messages(body: _Prompt, check_final: bool = True) -> list[ChatMessage]:
     out = []
     if body.system:
         out.append(ChatMessage("system", _block_text(body.system, "system")))
-    turns_started = False  # a flag, not a scan of the earlier messages: that is quadratic
+    # A system message later in the conversation (Claude Code sends them) stays where it is: hoisting
+    # it into the top-level system would change the prefix every later turn reuses.
     for i, message in enumerate(body.messages):
-        if message.role != "system":
-            turns_started = True
-        elif turns_started:
-            raise invalid("system messages may only come first; use the top-level system field",
-                          param=f"messages[{i}].role")
         out.extend(_turns(message, f"messages[{i}]", out, bool(body.tools)))
     if check_final and out and out[-1].role == "assistant" and out[-1].content != out[-1].content.rstrip():
         raise invalid("final assistant content cannot end with trailing whitespace",

@@ -50,10 +50,20 @@ class PromptRenderer:
         if continue_final and messages and messages[-1].role == "assistant" and not messages[-1].tool_calls:
             prefill = messages[-1].content
             messages = messages[:-1]
-        dicts = [_template_dict(m) for m in messages]
         extra = {"tools": [t.openai() for t in tools]} if tools and native else {}
-        return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generate,
-                                                  **extra) + prefill
+        try:
+            return self._apply(messages, generate, extra) + prefill
+        except Exception:
+            # A template that rejects a system message after the first turn (many raise on it):
+            # the documented fallback renders each such message as a <system-reminder> user turn.
+            fallback = merge_turns(reminders_as_user_turns(messages))
+            if fallback == messages:
+                raise
+            return self._apply(fallback, generate, extra) + prefill
+
+    def _apply(self, messages: list[ChatMessage], generate: bool, extra: dict) -> str:
+        dicts = [_template_dict(m) for m in messages]
+        return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=generate, **extra)
 
     def count_prefix(self, messages: list[ChatMessage], head: list[ChatMessage],
                      tools: list[Tool] | None = None) -> int:
@@ -63,6 +73,22 @@ class PromptRenderer:
         part = self.text(head, generate=False, tools=tools)
         n = next((i for i, (a, b) in enumerate(zip(full, part)) if a != b), min(len(full), len(part)))
         return len(self.tokenizer.encode(full[:n], add_special_tokens=False))
+
+
+SYSTEM_REMINDER = "<system-reminder>\n{}\n</system-reminder>"
+
+
+def reminders_as_user_turns(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Each system message after the first turn as a user turn wrapped in <system-reminder> (the
+    form Claude Code itself uses for reminders); leading system messages stay system."""
+    out, started = [], False
+    for m in messages:
+        if m.role == "system" and started:
+            out.append(ChatMessage("user", SYSTEM_REMINDER.format(m.content)))
+        else:
+            started = started or m.role != "system"
+            out.append(m)
+    return out
 
 
 def merge_turns(messages: list[ChatMessage]) -> list[ChatMessage]:
