@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +36,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from perf.common import machine_info, read_metrics
 from perf.servers import free_port
 
 ROOT = Path(__file__).parent.parent
@@ -155,12 +155,9 @@ class Daemon:
             return json.load(r)
 
     def metric(self, name: str, labels: str = "") -> float:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
-            text = r.read().decode()
-        pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.MULTILINE)
-        match = pattern.search(text)
-        assert match, f"metric {name}{labels} not found in /metrics"
-        return float(match.group(1))
+        samples = read_metrics(self.url)
+        assert name + labels in samples, f"metric {name}{labels} not found in /metrics"
+        return samples[name + labels]
 
     def chat(self, agent: str, messages: list[dict]) -> dict:
         body = {"model": "m", "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
@@ -464,8 +461,6 @@ def configure(parser) -> None:
 
 
 def main(args) -> dict:
-    from perf.serving import machine_info
-
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="semcache-perf-faults-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:

@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import random
-import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -24,14 +23,13 @@ from pathlib import Path
 
 import aiohttp
 
-from perf import client, servers
+from perf import servers
+from perf.common import (SHORT_QUESTIONS, machine_info, parse_metrics, parse_reply, percentiles, rounded,
+                         rss_mb, short_system_prompt)
 
 PARTS = ("overload", "agents", "sustained", "disconnect")
 REFUSALS = (429, 503, 529)
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
-TOPICS = ("astronomy", "baking", "chess", "databases", "ecology", "falconry", "geology", "harbours",
-          "irrigation", "jazz", "knitting", "lighthouses", "metallurgy", "navigation", "orchards", "pottery")
-QUESTIONS = ("Give me one tip.", "And another?", "Why?", "One example, please.", "Shorter.", "Go on.")
 
 
 # Raw HTTP/1.1 connections -------------------------------------------------------------------------
@@ -125,37 +123,6 @@ def chat_request(messages: list[dict], max_tokens: int, anthropic: bool, stream:
     return "/v1/chat/completions", {**body, "messages": prefix + messages}, {}
 
 
-def parse_reply(raw: bytes, anthropic: bool, stream: bool) -> tuple[str, int | None]:
-    """(text, cached prompt tokens) from a non-streamed body or a whole SSE stream."""
-    if not stream:
-        data = json.loads(raw)
-        if anthropic:
-            return "".join(b.get("text", "") for b in data["content"]), data["usage"]["cache_read_input_tokens"]
-        return data["choices"][0]["message"]["content"], data["usage"]["prompt_tokens_details"]["cached_tokens"]
-    text, cached = [], None
-    for line in raw.split(b"\n"):
-        if not line.startswith(b"data: {"):
-            continue
-        event = json.loads(line[6:])
-        if event.get("type") == "message_start":
-            cached = event["message"]["usage"]["cache_read_input_tokens"]
-        elif event.get("type") == "content_block_delta":
-            text.append(event["delta"]["text"])
-        elif event.get("usage") and "prompt_tokens_details" in event["usage"]:
-            cached = event["usage"]["prompt_tokens_details"]["cached_tokens"]
-        for choice in event.get("choices") or ():
-            text.append(choice["delta"].get("content") or "")
-    return "".join(text), cached
-
-
-def system_prompt(agent: str, sentences: int = 8) -> str:
-    """A distinct system prompt per agent, well past cache_min_prefix (~150 tokens at 8 sentences)."""
-    topic = TOPICS[sum(map(ord, agent)) % len(TOPICS)]
-    rules = " ".join(f"Rule {i}: answer question {i * 7} on {topic} briefly and cite fact {i * 13}."
-                     for i in range(sentences))
-    return f"You are {agent}, an assistant on {topic}. {rules}"
-
-
 @dataclass
 class Agent:
     """One conversation: its turns are sequential; the history grows by each question and reply."""
@@ -167,12 +134,12 @@ class Agent:
     turns: int = 0
 
     def __post_init__(self):
-        self.system = self.system or system_prompt(self.name)
+        self.system = self.system or short_system_prompt(self.name)
 
 
 async def turn(session: aiohttp.ClientSession, base: str, agent: Agent, max_tokens: int, stream: bool) -> dict:
     """One turn of `agent`; appends the exchange to its history. Never raises for an HTTP status."""
-    agent.history.append({"role": "user", "content": QUESTIONS[agent.turns % len(QUESTIONS)]})
+    agent.history.append({"role": "user", "content": SHORT_QUESTIONS[agent.turns % len(SHORT_QUESTIONS)]})
     path, body, headers = chat_request(agent.history, max_tokens, agent.anthropic, stream, agent.system)
     start = time.perf_counter()
     try:
@@ -204,7 +171,7 @@ async def get(base: str, path: str) -> tuple[int, bytes]:
 async def metrics(base: str) -> dict[str, float]:
     """Every sample of /metrics, keyed by name plus labels as written."""
     _, text = await get(base, "/metrics")
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text.decode(), re.M)}
+    return parse_metrics(text.decode())
 
 
 async def health(base: str, path: str = "/health/ready") -> tuple[int, dict]:
@@ -299,8 +266,8 @@ def _overload_report(results: list[Response], conns: list[Conn], n: int, max_act
     served = [(r, c) for r, c in zip(results, conns) if r.status == 200]
     last_refusal = max((c.sent_at + r.seconds for r, c in zip(results, conns) if r.status in REFUSALS), default=0)
     done_before = sum(1 for r, c in served if c.sent_at + r.seconds < last_refusal)
-    refusal_ms = client.percentiles([r.seconds * 1000 for r in refused], (50, 95, 100))
-    busy_ms = client.percentiles([r.seconds * 1000 for r in results[n:] if r.status in REFUSALS], (50, 95, 100))
+    refusal_ms = percentiles([r.seconds * 1000 for r in refused], (50, 95, 100))
+    busy_ms = percentiles([r.seconds * 1000 for r in results[n:] if r.status in REFUSALS], (50, 95, 100))
     checks = {
         "statuses_allowed": all(r.status in (200, *REFUSALS) for r in results),
         "refusals_have_retry_after": all("retry-after" in r.headers for r in refused),
@@ -312,10 +279,10 @@ def _overload_report(results: list[Response], conns: list[Conn], n: int, max_act
     return {"n": n, "busy": len(results) - n, "max_active": max_active, "max_queue": max_queue,
             "statuses": statuses, "num_served": len(served), "num_refused": len(refused),
             "served_done_before_last_refusal": done_before, "refusal_ms": refusal_ms,
-            "refusal_ms_idle_burst": client.percentiles([r.seconds * 1000 for r in results[:n] if r.status in REFUSALS],
+            "refusal_ms_idle_burst": percentiles([r.seconds * 1000 for r in results[:n] if r.status in REFUSALS],
                                                         (50, 95, 100)),
             "refusal_ms_busy_burst": busy_ms,
-            "served_s": client.percentiles([r.seconds for r, _ in served], (50, 95, 100)), "checks": checks}
+            "served_s": percentiles([r.seconds for r, _ in served], (50, 95, 100)), "checks": checks}
 
 
 # 2. Agent bursts ------------------------------------------------------------------------------------
@@ -339,8 +306,8 @@ async def agent_bursts(base: str, agents: int = 10, turns: int = 50, max_tokens:
     uncached = [(r["agent"], r["turn"], r["cached"]) for r in later if not r["cached"]]
     failed = [(r["agent"], r["turn"], r["status"], r.get("error")) for r in results if r["status"] != 200]
     return {"agents": agents, "turns": turns, "max_tokens": max_tokens, "requests": len(results), "wall_s": wall,
-            "latency_s": client.percentiles([r["seconds"] for r in results], (50, 95, 100)),
-            "cached_tokens_later_turns": client.percentiles([r["cached"] or 0 for r in later], (0, 50)),
+            "latency_s": percentiles([r["seconds"] for r in results], (50, 95, 100)),
+            "cached_tokens_later_turns": percentiles([r["cached"] or 0 for r in later], (0, 50)),
             "failed": failed[:20], "uncached_later_turns": uncached[:20],
             "results": [{k: r[k] for k in ("agent", "turn", "status", "stream", "seconds", "cached")} for r in results],
             "checks": {"all_served": not failed, "later_turns_cached": not uncached}}
@@ -386,7 +353,7 @@ class Traffic:
         self.num_agents += 1
         agent = Agent(f"load-{self.rng.getrandbits(32):08x}-{self.num_agents}", anthropic=self.rng.random() < 0.5)
         for k in range(age):
-            agent.history += [{"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]},
+            agent.history += [{"role": "user", "content": SHORT_QUESTIONS[k % len(SHORT_QUESTIONS)]},
                               {"role": "assistant", "content": f"Noted: point {k}."}]
         agent.turns = age
         return agent
@@ -448,7 +415,7 @@ async def _sample(base: str, pid: int, start: float, every: float, samples: list
         m = await metrics(base)
         _, listing = await get(base, "/v1/agents")
         entries = [e["bytes"] for e in json.loads(listing)["data"] if e["tier"] == "memory"]
-        samples.append({"t": time.perf_counter() - start, "rss_mb": await asyncio.to_thread(client.rss_mb, pid),
+        samples.append({"t": time.perf_counter() - start, "rss_mb": await asyncio.to_thread(rss_mb, pid),
                         **{tier: m.get(f'semcache_cache_bytes{{tier="{tier}"}}', 0.0)
                            for tier in ("memory", "disk", "writing")},
                         "largest_entry": max(entries, default=0),
@@ -461,7 +428,7 @@ def _sustained_report(results: list[dict], samples: list[dict], w: Windows, memo
                       disk_budget: int, rss_margin: float) -> dict:
     first = [r["seconds"] for r in results if w.first(r["start"])]
     last = [r["seconds"] for r in results if w.last(r["start"])]
-    p95_first, p95_last = client.percentiles(first).get("p95"), client.percentiles(last).get("p95")
+    p95_first, p95_last = percentiles(first).get("p95"), percentiles(last).get("p95")
     thirds = [[s["rss_mb"] for s in samples if k * w.duration / 3 <= s["t"] < (k + 1) * w.duration / 3]
               for k in range(3)]
     rss_middle, rss_last = max(thirds[1], default=0.0), max(thirds[2], default=0.0)
@@ -482,7 +449,7 @@ def _sustained_report(results: list[dict], samples: list[dict], w: Windows, memo
             "windows_s": {"warmup": w.warmup, "length": w.length},
             "p95_first_window_s": p95_first, "p95_last_window_s": p95_last,
             "p95_last_over_first": p95_last / p95_first if p95_first and p95_last else None,
-            "p50_first_last_window_s": [client.percentiles(first).get("p50"), client.percentiles(last).get("p50")],
+            "p50_first_last_window_s": [percentiles(first).get("p50"), percentiles(last).get("p50")],
             "mean_step_first_last_window_s": [_mean_step([s for s in samples if w.first(s["t"])]),
                                               _mean_step([s for s in samples if w.last(s["t"])])],
             "rss_mb": {"first_third_max": max(thirds[0], default=0.0), "middle_third_max": rss_middle,
@@ -540,7 +507,7 @@ async def disconnect_storm(base: str, n: int = 48, max_tokens: int = 64, max_chu
     queue_wait = await _probe_queue_wait(base)
     final = await metrics(base)
     gauges = {k: final[k] for k in ("semcache_active_sequences", "semcache_queue_depth")}
-    return {"n": n, "dropped_after_chunks": client.percentiles([k for _, k in dropped], (0, 50, 100)),
+    return {"n": n, "dropped_after_chunks": percentiles([k for _, k in dropped], (0, 50, 100)),
             "last_drop_at": last, "idle_after_last_drop_s": idle_after, "mean_step_s": step,
             "probe_queue_wait_s": queue_wait, "gauges_after": gauges,
             "checks": {"capacity_back_within_one_step": idle_after <= step,
@@ -643,8 +610,6 @@ def configure(parser) -> None:
 
 
 def main(args) -> dict:
-    from perf.serving import machine_info
-
     parts = {}
     with tempfile.TemporaryDirectory(prefix="semcache-perf-stress-") as tmp:
         for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
@@ -659,17 +624,6 @@ def main(args) -> dict:
     report = {"benchmark": "stress", "machine": machine_info(), "summary": summarise(parts), "parts": parts}
     args.out.write_text(to_json(rounded(report)) + "\n")
     return report
-
-
-def rounded(value):
-    """Floats to 4 decimals, everywhere in a report."""
-    if isinstance(value, float):
-        return round(value, 4)
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(v) for v in value]
-    return value
 
 
 def to_json(value, depth: int = 0) -> str:
