@@ -543,35 +543,7 @@ async def _probe_queue_wait(base: str) -> float:
     return after["semcache_queue_wait_seconds_sum"] - before["semcache_queue_wait_seconds_sum"]
 
 
-# Daemons and the command line -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Daemon:
-    base: str
-    pid: int
-    log: Path
-
-
-@contextmanager
-def daemon(workdir: Path, name: str, env: dict[str, str]):
-    """`python -m semcache serve` on the embedded model with `env`, stopped (SIGTERM) on exit.
-
-    Other processes here pick free ports too: the port is ours only once our own log says it is
-    bound, so a lost race is retried on another port rather than measuring someone else's server."""
-    for attempt in range(3):
-        port = servers.free_port()
-        log = workdir / f"{name}-{attempt}.log"
-        cmd = servers.semcache_cmd(port) + ["--cache-dir", str(workdir / f"{name}-cache")]
-        try:
-            with servers.running(cmd, "/health/ready", port, log, env) as (base, pid, _):
-                if f"port bound: 127.0.0.1:{port}" in log.read_text():
-                    yield Daemon(base, pid, log)
-                    return
-        except RuntimeError:
-            if "cannot bind" not in log.read_text():
-                raise RuntimeError(f"the daemon did not start:\n{log.read_text()[-3000:]}") from None
-    raise RuntimeError("could not bind a free port in 3 tries")
+# The command line -----------------------------------------------------------------------------------
 
 
 def env_for(part: str, args) -> dict[str, str]:
@@ -583,7 +555,7 @@ def env_for(part: str, args) -> dict[str, str]:
     }.get(part, {})
 
 
-async def run_part(part: str, d: Daemon, args) -> dict:
+async def run_part(part: str, d: servers.Daemon, args) -> dict:
     if part == "overload":
         return await overload(d.base, args.requests, args.max_active, args.max_queue)
     if part == "agents":
@@ -617,7 +589,7 @@ def main(args) -> dict:
                 raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
             print(f"{part} ...", flush=True)
             load = os.getloadavg()  # this machine is shared: the other processes' load, for context
-            with daemon(Path(tmp), part, env_for(part, args)) as d:
+            with servers.daemon(Path(tmp), part, env_for(part, args)) as d:
                 parts[part] = asyncio.run(run_part(part, d, args)) | {"loadavg_before": load,
                                                                       "loadavg_after": os.getloadavg()}
             print(f"  checks: {parts[part]['checks']}", flush=True)

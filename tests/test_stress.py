@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from perf import stress
+from perf import servers, stress
 from semcache.http.appkeys import INFLIGHT, SERVICE
 from semcache.scheduler.scheduler import Overloaded
 from tests.conftest import FakeEngine
@@ -148,7 +148,7 @@ class TestAgentBursts:
     @pytest.mark.model
     def test_ten_agents_fifty_turns_on_the_model(self, tmp_path):
         """The issue's 10 agents x 50 rapid requests on the embedded model, 4 tokens each."""
-        with stress.daemon(tmp_path, "agents", {"SEMCACHE_MAX_QUEUE_WAIT": "600"}) as d:
+        with servers.daemon(tmp_path, "agents", {"SEMCACHE_MAX_QUEUE_WAIT": "600"}) as d:
             report = asyncio.run(stress.agent_bursts(d.base, agents=10, turns=50, max_tokens=4))
         assert_checks(report)
         assert report["requests"] == 500
@@ -162,7 +162,7 @@ class TestOverload:
         529) with Retry-After, refusals within 100 ms (p95), no timeouts or other 5xx, at most
         max_active + max_queue served (see stress.overload), and the daemon answers afterwards."""
         env = {"SEMCACHE_MAX_QUEUE": "64", "SEMCACHE_MAX_ACTIVE": "16", "SEMCACHE_MAX_QUEUE_WAIT": "300"}
-        with stress.daemon(tmp_path, "overload", env) as d:
+        with servers.daemon(tmp_path, "overload", env) as d:
             report = asyncio.run(stress.overload(d.base, n=200, max_active=16, max_queue=64, max_tokens=1))
         assert_checks(report)
         assert report["num_refused"] >= 200 - 16 - 64
@@ -178,7 +178,7 @@ class TestSustained:
         last 20 s within 1.5x of the first window after warm-up, no errors, the disk tier in use."""
         memory, disk = 32 << 20, 128 << 20
         env = {"SEMCACHE_CACHE_MEMORY_BUDGET": str(memory), "SEMCACHE_CACHE_DISK_BUDGET": str(disk)}
-        with stress.daemon(tmp_path, "sustained", env) as d:
+        with servers.daemon(tmp_path, "sustained", env) as d:
             report = asyncio.run(stress.sustained(d.base, d.pid, 60.0, memory, disk, concurrency=6, population=12))
         assert_checks(report)
         assert report["requests"] >= 30
