@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import statistics
 import tempfile
 import threading
@@ -21,22 +20,8 @@ from pathlib import Path
 import aiohttp
 
 from perf import client, servers
-from perf.serving import machine_info
-
-TOPICS = ["astronomy", "baking", "chess", "databases", "ecology", "falconry", "geology", "harbours",
-          "irrigation", "jazz", "knitting", "lighthouses", "metallurgy", "navigation", "orchards", "pottery"]
-QUESTIONS = ["Give me one short tip for a beginner.", "What is a common mistake to avoid?",
-             "Name one tool that helps.", "Summarise your advice in one sentence."]
-
-
-def system_prompt(agent: int, salt: str = "", sentences: int = 37) -> str:
-    """A distinct ~1,000-token system prompt per agent (distinct from its very first words)."""
-    topic = TOPICS[agent % len(TOPICS)]
-    lines = [f"{salt}Agent {agent} briefing on {topic}. You are an expert assistant on {topic}."]
-    for i in range(sentences):
-        lines.append(f"Rule {i} for {topic}: answer question {i * 7 + agent} briefly, cite fact {i * 13 + agent}, "
-                     f"and stay polite.")
-    return " ".join(lines)
+from perf.common import (PROMPTS, QUESTIONS, machine_info, median_seconds, read_metrics, rss_mb, sse_events,
+                         system_prompt)
 
 
 async def turn(session: aiohttp.ClientSession, base: str, agent: int, system: str, history: list,
@@ -51,10 +36,7 @@ async def turn(session: aiohttp.ClientSession, base: str, agent: int, system: st
     text, usage = [], {}
     async with session.post(f"{base}/v1/messages", json=body, headers=headers) as r:
         assert r.status == 200, (r.status, await r.text())
-        async for line in r.content:
-            if not line.startswith(b"data: "):
-                continue
-            event = json.loads(line[6:])
+        async for event in sse_events(r):
             if event["type"] == "message_start":
                 usage = event["message"]["usage"]
             elif event["type"] == "content_block_delta":
@@ -85,14 +67,10 @@ class Sampler:
         self._thread.join()
 
     def _run(self):
-        import urllib.request
-
         while not self._stop.is_set():
-            with urllib.request.urlopen(self.base + "/metrics", timeout=5) as r:
-                for line in r.read().decode().splitlines():
-                    if line.startswith('semcache_cache_bytes{tier="memory"}'):
-                        self.max_memory_bytes = max(self.max_memory_bytes, int(float(line.split()[-1])))
-            self.peak_rss_mb = max(self.peak_rss_mb, client.rss_mb(self.pid))
+            memory = read_metrics(self.base, timeout=5).get('semcache_cache_bytes{tier="memory"}', 0)
+            self.max_memory_bytes = max(self.max_memory_bytes, int(memory))
+            self.peak_rss_mb = max(self.peak_rss_mb, rss_mb(self.pid))
             self._stop.wait(0.05)
 
 
@@ -118,12 +96,8 @@ async def largest_entry(base: str) -> int:
 
 def lookups(base: str) -> dict[str, int]:
     """The daemon's cache lookup counters by result (memory_hit, disk_hit, partial, miss)."""
-    import urllib.request
-
-    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    found = re.findall(r'^semcache_cache_lookups_total\{result="(\w+)"\} ([0-9.e+]+)$', text, re.M)
-    return {result: int(float(value)) for result, value in found}
+    prefix = 'semcache_cache_lookups_total{result="'
+    return {k[len(prefix):-2]: int(v) for k, v in read_metrics(base, timeout=5).items() if k.startswith(prefix)}
 
 
 def run_agents(workdir: Path, agents: int, max_tokens: int, budget: str) -> dict:
@@ -193,7 +167,7 @@ def disk_load(workdir: Path, tokens: int = 2000, repeats: int = 5) -> dict:
 
     def timed(fn) -> float:
         fn()  # warm: page cache, allocator
-        return client.median_seconds(fn, repeats)
+        return median_seconds(fn, repeats)
 
     def to_mlx():
         _, _, loaded = _read_entry(stored.path)
@@ -235,7 +209,7 @@ async def unique_burst(base: str, n: int, max_tokens: int, salt: str) -> float:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
         start = time.perf_counter()
         results = await asyncio.gather(*(client.stream_chat(
-            session, base, f"Request {salt}-{i}. " + system_prompt(i, sentences=8) + " " + client.PROMPTS[i % 16],
+            session, base, f"Request {salt}-{i}. " + system_prompt(i, sentences=8) + " " + PROMPTS[i % 16],
             max_tokens) for i in range(n)))
         wall = time.perf_counter() - start
     assert all(r["status"] == 200 for r in results), [r["status"] for r in results]

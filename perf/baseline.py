@@ -29,7 +29,8 @@ from pathlib import Path
 import aiohttp
 
 from perf import agents, client, servers
-from perf.serving import machine_info
+from perf.common import (PROMPTS, QUESTIONS, machine_info, percentiles, rounded, rss_mb, sse_events,
+                         system_prompt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Params:
     concurrency: tuple[int, ...]
     rounds: int  # rounds of the concurrency workloads; targets alternate within each round
     turns: int  # turns of the one-agent conversation
-    system_sentences: int  # its system prompt (perf.agents.system_prompt): 37 sentences ≈ 1,000 tokens
+    system_sentences: int  # its system prompt (perf.common.system_prompt): 37 sentences ≈ 1,000 tokens
     agent_max_tokens: int  # output tokens per turn, one agent and multi-agent alike
     health_probes: int  # sequential probes on the idle daemon
     health_bursts: int  # bursts of `burst_size` probes in flight at once
@@ -113,14 +114,14 @@ def measure_semcache(report: dict, params: Params, workdir: Path, compare: str |
     cmd = servers.semcache_cmd(port) + ["--cache-dir", str(cache_dir)]
     print("semcache: cold start", flush=True)
     with servers.running(cmd, "/health/ready", port, workdir / "semcache.log") as (base, pid, ready):
-        report["startup"] = {"seconds_to_ready": ready, "rss_mb_at_ready": client.rss_mb(pid)}
+        report["startup"] = {"seconds_to_ready": ready, "rss_mb_at_ready": rss_mb(pid)}
         report["first_requests"] = asyncio.run(first_requests(base, params.max_tokens, run_id))
         targets = {"semcache": (base, "/health/ready")}
         if compare:
             targets["peer"] = (compare.rstrip("/"), compare_health)
         start = time.perf_counter()
         report["targets"] = measure_targets(targets, params, run_id)
-        report["startup"]["rss_mb_at_end"] = client.rss_mb(pid)
+        report["startup"]["rss_mb_at_end"] = rss_mb(pid)
         report["seconds_openai_workloads"] = time.perf_counter() - start
     print(f"multi-agent: {params.agents} agents, 3 turns, restart, 1 more turn", flush=True)
     start = time.perf_counter()
@@ -188,13 +189,6 @@ def _session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=900))
 
 
-async def _data_lines(response: aiohttp.ClientResponse):
-    """The JSON payloads of an SSE stream, [DONE] excluded."""
-    async for line in response.content:
-        if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
-            yield json.loads(line[6:])
-
-
 async def stream(session: aiohttp.ClientSession, base: str, messages: list[dict], max_tokens: int,
                  headers: dict | None = None) -> dict:
     """One streamed OpenAI chat completion at temperature 0, timing every content chunk (TTFT, ITL) and
@@ -206,7 +200,7 @@ async def stream(session: aiohttp.ClientSession, base: str, messages: list[dict]
     async with session.post(f"{base}/v1/chat/completions", json=body, headers=headers) as response:
         if response.status != 200:
             return {"status": response.status, "error": (await response.text())[:500]}
-        async for data in _data_lines(response):
+        async for data in sse_events(response):
             usage = data.get("usage") or usage
             pieces = [c["delta"].get("content") for c in data.get("choices") or ()]
             if any(pieces):
@@ -225,25 +219,25 @@ def _user(content: str) -> list[dict]:
 
 def ms(seconds: list[float]) -> dict:
     """p50, p95 and max in milliseconds ({} for no values)."""
-    p = client.percentiles([s * 1000 for s in seconds], (50, 95, 100))
+    p = percentiles([s * 1000 for s in seconds], (50, 95, 100))
     return {"p50": p["p50"], "p95": p["p95"], "max": p["p100"]} if p else {}
 
 
 async def first_requests(base: str, max_tokens: int, run_id: str) -> list[dict]:
     """The first two requests a fresh daemon serves (different prompts): what a first user waits."""
     async with _session() as session:
-        results = [await stream(session, base, _user(f"[{run_id}] {client.PROMPTS[i]}"), max_tokens) for i in (0, 1)]
+        results = [await stream(session, base, _user(f"[{run_id}] {PROMPTS[i]}"), max_tokens) for i in (0, 1)]
     assert all(r["status"] == 200 for r in results), results
     return [{"ttft_ms": r["ttft"] * 1000, "total_ms": r["total"] * 1000, "tokens": r["tokens"]} for r in results]
 
 
 async def agent_series(base: str, params: Params, agent_id: str, salt: str) -> dict:
     """One agent (X-Agent-ID) takes `turns` turns of a growing conversation: TTFT and cached tokens per turn."""
-    messages = [{"role": "system", "content": agents.system_prompt(0, salt, params.system_sentences)}]
+    messages = [{"role": "system", "content": system_prompt(0, salt, params.system_sentences)}]
     rows = []
     async with _session() as session:
         for t in range(1, params.turns + 1):
-            messages.append({"role": "user", "content": agents.QUESTIONS[(t - 1) % len(agents.QUESTIONS)]})
+            messages.append({"role": "user", "content": QUESTIONS[(t - 1) % len(QUESTIONS)]})
             r = await stream(session, base, messages, params.agent_max_tokens, {"X-Agent-ID": agent_id})
             assert r["status"] == 200, r
             messages.append({"role": "assistant", "content": r["text"].strip() or "."})
@@ -285,7 +279,7 @@ async def burst(base: str, n: int, max_tokens: int, salt: str) -> dict:
     """n streamed requests at once; the salt leads each prompt, so no earlier request's cache serves it."""
     async with _session() as session:
         start = time.perf_counter()
-        prompts = [f"{salt} {client.PROMPTS[i % len(client.PROMPTS)]}" for i in range(n)]
+        prompts = [f"{salt} {PROMPTS[i % len(PROMPTS)]}" for i in range(n)]
         results = await asyncio.gather(*(stream(session, base, _user(p), max_tokens) for p in prompts))
         wall = time.perf_counter() - start
     ok = [r for r in results if r["status"] == 200]
@@ -333,8 +327,8 @@ def summarize(report: dict) -> dict:
         "seconds_to_ready": round(report["startup"]["seconds_to_ready"], 2),
         "first_request_ttft_ms": round(report["first_requests"][0]["ttft_ms"], 1),
         "agent_turn1_ttft_ms": round(series["turn1_ttft_ms"], 1),
-        "agent_median_later_ttft_ms": _round(series["median_later_ttft_ms"]),
-        "agent_turn1_over_later": _round(series["turn1_over_median_later"], 2),
+        "agent_median_later_ttft_ms": rounded(series["median_later_ttft_ms"], 1),
+        "agent_turn1_over_later": rounded(series["turn1_over_median_later"], 2),
         "agent_cached_tokens_per_turn": [row["cached_tokens"] for row in series["turns"]],
         "health_ms": {k: {p: round(v, 2) for p, v in health_[k].items()} for k in health_ if k.endswith("_ms")},
         "multi_agent_warm_over_cold_ttft": round(multi["warm_over_cold"], 4),
@@ -343,19 +337,9 @@ def summarize(report: dict) -> dict:
     }
     for key in (k for k in ours if k.startswith("concurrent_")):
         c = ours[key]
-        summary[key] = {"ttft_p50_ms": _round(c["ttft_ms"].get("p50")), "itl_p50_ms": _round(c["itl_ms"].get("p50")),
-                        "itl_p95_ms": _round(c["itl_ms"].get("p95")), "tok_s": round(c["tok_s"], 1)}
+        summary[key] = {"ttft_p50_ms": rounded(c["ttft_ms"].get("p50"), 1), "itl_p50_ms": rounded(c["itl_ms"].get("p50"), 1),
+                        "itl_p95_ms": rounded(c["itl_ms"].get("p95"), 1), "tok_s": round(c["tok_s"], 1)}
     if "ratios" in report:
-        summary["semcache_over_peer"] = _rounded(report["ratios"])
+        summary["semcache_over_peer"] = rounded(report["ratios"], 3)
     return summary
 
-
-def _round(value: float | None, digits: int = 1) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def _rounded(tree):
-    """The same nested dict with every float rounded to 3 places."""
-    if isinstance(tree, dict):
-        return {k: _rounded(v) for k, v in tree.items()}
-    return round(tree, 3) if isinstance(tree, float) else tree

@@ -3,31 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import time
 
 import aiohttp
 
-PROMPTS = [
-    "Write a long, detailed essay about the history of the printing press.",
-    "Explain in detail how a steam engine works, step by step.",
-    "Describe a busy market in a medieval city in rich detail.",
-    "Write a long story about a robot who learns to paint.",
-    "Explain the water cycle to a ten year old, with many examples.",
-    "Describe the planets of the solar system one by one.",
-    "Write a detailed guide to growing tomatoes at home.",
-    "Tell a long tale about a sailor lost at sea.",
-    "Explain how computers store numbers, in detail.",
-    "Describe the four seasons and what people do in each.",
-    "Write a long letter from a traveller to a friend at home.",
-    "Explain the rules of chess in detail.",
-    "Describe how bread is made, from wheat field to table.",
-    "Write a detailed history of the bicycle.",
-    "Describe life in a small mountain village through a whole year.",
-    "Explain how airplanes fly, with all the forces involved.",
-]
-
+from perf.common import PROMPTS, percentiles, sse_events
 
 # mlx_lm.server loads whatever "model" names unless it is "default_model"; semcache accepts any name.
 MODEL_NAME = "default_model"
@@ -45,10 +25,7 @@ async def stream_chat(session: aiohttp.ClientSession, base: str, prompt: str, ma
         if r.status != 200:
             await r.read()
             return {"status": r.status, "total": time.perf_counter() - start}
-        async for line in r.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            data = json.loads(line[6:])
+        async for data in sse_events(r):
             if data.get("usage"):
                 tokens = data["usage"]["completion_tokens"]
             for choice in data.get("choices") or ():
@@ -118,29 +95,3 @@ async def _probe(session, base, path, probes, done):
             await r.read()
         probes.append(time.perf_counter() - t)
         await asyncio.sleep(0.02)
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def percentiles(values: list[float], ps=(50, 95)) -> dict:
-    if not values:
-        return {}
-    values = sorted(values)
-    out = {}
-    for p in ps:
-        k = min(len(values) - 1, max(0, int(round(p / 100 * len(values) + 0.5)) - 1))
-        out[f"p{p}"] = values[k]
-    return out
-
-
-def rss_mb(pid: int) -> float:
-    out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
-    return int(out) / 1024 if out else float("nan")

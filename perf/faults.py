@@ -24,11 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,15 +33,14 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from perf.servers import free_port
+from perf import servers
+from perf.common import machine_info
 
-ROOT = Path(__file__).parent.parent
 TOPICS = ["astronomy", "cooking", "sailing", "chess", "gardening", "music"]
 AGENTS = [f"crash-agent.{i}" for i in range(len(TOPICS))]
 FOLLOW_UP = "And one more, please."
 MAX_TOKENS = 8
 RULES = 6  # sentences of each system prompt
-START_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 120.0
 KILL_WAIT = 60.0  # the longest a round waits for its kill moment
 MAX_JITTER = 0.02  # seconds after a write is seen in flight
@@ -70,101 +65,16 @@ def conversation(i: int, replies: list[str]) -> list[dict]:
 # A daemon subprocess and plain urllib requests ---------------------------------------------------
 
 
-class Daemon:
-    """`python -m semcache serve` on a free port, with its own log file; kill() / stop() always leave
-    no process behind (and are no-ops before start)."""
+class Daemon(servers.Daemon):
+    """A semcache daemon as the crash test runs it: prompts from 4 tokens cached, a long queue wait,
+    and blocking chat requests (one thread each when sent together)."""
 
     def __init__(self, cache_dir: Path, log: Path, **env: str):
-        self.cache_dir = cache_dir
-        self.log = log
-        self.env = {**os.environ, "SEMCACHE_CACHE_MIN_PREFIX": "4", "SEMCACHE_MAX_QUEUE_WAIT": "300", **env}
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.url = ""
-
-    def start(self, timeout: float = START_TIMEOUT) -> Daemon:
-        """Spawn and wait until /health/ready is 200. Other processes on this machine pick free ports
-        too, so the port only counts as ours once our own log says it is bound (a lost race to bind
-        is retried on a new port): /health/ready can never be answered by someone else's server."""
-        deadline = time.monotonic() + timeout
-        for _ in range(3):
-            self.port = free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
-            with open(self.log, "w") as out:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "semcache", "serve", "--port", str(self.port),
-                     "--cache-dir", str(self.cache_dir)],
-                    stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-            if self._wait_bound(deadline):
-                self._wait_ready(deadline)
-                return self
-        raise RuntimeError(f"could not bind a free port in 3 tries:\n{self.log_tail()}")
-
-    def _wait_bound(self, deadline: float) -> bool:
-        bound = f"port bound: 127.0.0.1:{self.port}"
-        while time.monotonic() < deadline:
-            if bound in self.log_tail(None):
-                return True
-            if self.proc.poll() is not None:
-                if "cannot bind" in self.log_tail():
-                    return False
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-            time.sleep(0.05)
-        raise TimeoutError(f"daemon did not bind its port in time:\n{self.log_tail()}")
-
-    def _wait_ready(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"daemon not ready in time:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs (no final writes, no cleanup)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        """Graceful SIGTERM, then SIGKILL if it does not exit in time."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log_tail(self, n: int | None = 4000) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-            return text if n is None else text[-n:]
-        except OSError:
-            return ""
-
-    def get_json(self, path: str) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return json.load(r)
-
-    def metric(self, name: str, labels: str = "") -> float:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
-            text = r.read().decode()
-        pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.MULTILINE)
-        match = pattern.search(text)
-        assert match, f"metric {name}{labels} not found in /metrics"
-        return float(match.group(1))
+        super().__init__(cache_dir, log, **{"SEMCACHE_CACHE_MIN_PREFIX": "4", "SEMCACHE_MAX_QUEUE_WAIT": "300", **env})
 
     def chat(self, agent: str, messages: list[dict]) -> dict:
         body = {"model": "m", "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
-        req = urllib.request.Request(self.url + "/v1/chat/completions", json.dumps(body).encode(),
+        req = urllib.request.Request(self.base + "/v1/chat/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json", "X-Agent-ID": agent})
         try:
             with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as r:
@@ -464,8 +374,6 @@ def configure(parser) -> None:
 
 
 def main(args) -> dict:
-    from perf.serving import machine_info
-
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="semcache-perf-faults-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:

@@ -11,8 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from perf.agents import QUESTIONS, system_prompt
-from perf.serving import machine_info
+from perf.common import QUESTIONS, machine_info, system_prompt
 
 ENCODINGS = ("native", "int8", "int4")
 

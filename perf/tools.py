@@ -14,8 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from perf.client import median_seconds
-from perf.serving import machine_info
+from perf.common import machine_info, median_seconds
 
 SCHEMA = {"type": "object", "properties": {
     "query": {"type": "string"}, "limit": {"type": "integer"},

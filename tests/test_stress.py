@@ -1,4 +1,4 @@
-"""Bounded loopback stress, driving the workloads of perf/stress.py (one implementation).
+"""Bounded loopback stress, driving the workloads of perf/stress/ (one implementation).
 
 Which daemon each test uses, and why:
 - overload: a real `python -m semcache serve` subprocess on the embedded model. Refusal latency is
@@ -20,7 +20,12 @@ import time
 
 import pytest
 
-from perf import stress
+from perf.servers import daemon
+from perf.stress.bursts import agent_bursts
+from perf.stress.conversations import ANTHROPIC
+from perf.stress.disconnect import disconnect_storm
+from perf.stress.overload import overload
+from perf.stress.sustained import sustained
 from semcache.http.appkeys import INFLIGHT, SERVICE
 from semcache.scheduler.scheduler import Overloaded
 from tests.conftest import FakeEngine
@@ -81,7 +86,7 @@ class TestQueuePlaces:
         service.tokenize = counting
         body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
         posts = [client.post("/v1/messages" if i % 2 else "/v1/chat/completions", json=body,
-                             headers=stress.ANTHROPIC if i % 2 else {}) for i in range(20)]
+                             headers=ANTHROPIC if i % 2 else {}) for i in range(20)]
         responses = await asyncio.gather(*posts)
         statuses = sorted(r.status for r in responses)
         assert statuses.count(200) == 5 and len(tokenized) == 5, (statuses, len(tokenized))
@@ -117,7 +122,7 @@ class TestDisconnectStorm:
 
         scheduler.abort = recording_abort
         base = str(client.make_url("")).rstrip("/")
-        report = await stress.disconnect_storm(base, n=48, max_tokens=64, max_chunks=12)
+        report = await disconnect_storm(base, n=48, max_tokens=64, max_chunks=12)
         assert_checks(report)
         assert len(seen) >= 40, f"only {len(seen)} of 48 sequences were aborted (most must be dropped)"
         last_seen = max(seen)
@@ -140,7 +145,7 @@ class TestAgentBursts:
         turn after an agent's first reports cached tokens (the fake KV makes a wrong hit fail)."""
         engine = FakeEngine(tokenizer)
         client = await make_client(engine, max_active=4)
-        report = await stress.agent_bursts(str(client.make_url("")).rstrip("/"), agents=10, turns=10)
+        report = await agent_bursts(str(client.make_url("")).rstrip("/"), agents=10, turns=10)
         assert_checks(report)
         assert report["requests"] == 100 and not engine.prefix_errors
 
@@ -148,8 +153,8 @@ class TestAgentBursts:
     @pytest.mark.model
     def test_ten_agents_fifty_turns_on_the_model(self, tmp_path):
         """The issue's 10 agents x 50 rapid requests on the embedded model, 4 tokens each."""
-        with stress.daemon(tmp_path, "agents", {"SEMCACHE_MAX_QUEUE_WAIT": "600"}) as d:
-            report = asyncio.run(stress.agent_bursts(d.base, agents=10, turns=50, max_tokens=4))
+        with daemon(tmp_path, "agents", {"SEMCACHE_MAX_QUEUE_WAIT": "600"}) as d:
+            report = asyncio.run(agent_bursts(d.base, agents=10, turns=50, max_tokens=4))
         assert_checks(report)
         assert report["requests"] == 500
 
@@ -162,8 +167,8 @@ class TestOverload:
         529) with Retry-After, refusals within 100 ms (p95), no timeouts or other 5xx, at most
         max_active + max_queue served (see stress.overload), and the daemon answers afterwards."""
         env = {"SEMCACHE_MAX_QUEUE": "64", "SEMCACHE_MAX_ACTIVE": "16", "SEMCACHE_MAX_QUEUE_WAIT": "300"}
-        with stress.daemon(tmp_path, "overload", env) as d:
-            report = asyncio.run(stress.overload(d.base, n=200, max_active=16, max_queue=64, max_tokens=1))
+        with daemon(tmp_path, "overload", env) as d:
+            report = asyncio.run(overload(d.base, n=200, max_active=16, max_queue=64, max_tokens=1))
         assert_checks(report)
         assert report["num_refused"] >= 200 - 16 - 64
 
@@ -178,7 +183,7 @@ class TestSustained:
         last 20 s within 1.5x of the first window after warm-up, no errors, the disk tier in use."""
         memory, disk = 32 << 20, 128 << 20
         env = {"SEMCACHE_CACHE_MEMORY_BUDGET": str(memory), "SEMCACHE_CACHE_DISK_BUDGET": str(disk)}
-        with stress.daemon(tmp_path, "sustained", env) as d:
-            report = asyncio.run(stress.sustained(d.base, d.pid, 60.0, memory, disk, concurrency=6, population=12))
+        with daemon(tmp_path, "sustained", env) as d:
+            report = asyncio.run(sustained(d.base, d.pid, 60.0, memory, disk, concurrency=6, population=12))
         assert_checks(report)
         assert report["requests"] >= 30
