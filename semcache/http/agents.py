@@ -112,14 +112,15 @@ async def warm_agent(request: web.Request) -> web.Response:
     messages, tools = _warm_messages(request, await request.read())
     gen = Generation(messages=messages, max_tokens=0, sampling=SamplingParams(temperature=0.0),
                      tenant=tenant, agent=agent, rate_key=rate_key(request), tools=tuple(tools))
-    seq = await service.start(gen, warm=True)
+    ticket = await service.start(gen, warm=True)
+    seq = ticket.seq
     try:
         await seq.text()
         if seq.finished.reason is not FinishReason.LENGTH:
             raise failure(seq.finished)
-        entry = await seq.on_stored
+        entry = await ticket.stored
     finally:
-        service.release(seq)
+        service.release(ticket)
     if entry is None:
         raise ApiError(Kind.INTERNAL, "the prompt was prefilled but could not be stored")
     return web.json_response({

@@ -22,7 +22,7 @@ from semcache.ops.errors import anthropic_body
 from semcache.http.identity import identity, note_usage, priority, rate_key
 from semcache.http.appkeys import SERVICE
 from semcache.http.body import decode_body
-from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, failure
+from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
 from semcache.text.tools import (
     CallScanner,
     Text,
@@ -38,11 +38,12 @@ STOP_REASONS = {
 }
 
 
-def usage(seq: Sequence) -> dict:
+def usage(ticket: Ticket) -> dict:
     """As the real API defines them, the three input counters add up to the prompt's tokens: read
     from the cache, written to it (not reused, up to the last cache_control mark), and the rest."""
+    seq = ticket.seq
     read = seq.num_cached_tokens
-    creation = max(0, min(seq.cache_breakpoint, seq.num_prompt_tokens) - read)
+    creation = max(0, min(ticket.cache_breakpoint, seq.num_prompt_tokens) - read)
     return {
         "input_tokens": seq.num_prompt_tokens - read - creation,
         "output_tokens": seq.num_output_tokens,
@@ -62,9 +63,10 @@ def _stop_reason(seq: Sequence, scanner: CallScanner | None) -> str | None:
     return STOP_REASONS.get(finished.reason)
 
 
-def _message(body: MessagesRequest, msg_id: str, content: list, seq: Sequence,
+def _message(body: MessagesRequest, msg_id: str, content: list, ticket: Ticket,
              scanner: CallScanner | None = None, final: bool = True) -> dict:
     """The Message object; message_start sends it with final=False (no stop reason yet)."""
+    seq = ticket.seq
     finished = seq.finished if final else None
     final = final and (finished is not None or bool(scanner and scanner.done))
     return {
@@ -75,7 +77,7 @@ def _message(body: MessagesRequest, msg_id: str, content: list, seq: Sequence,
         "content": content,
         "stop_reason": _stop_reason(seq, scanner) if final else None,
         "stop_sequence": finished.stop_sequence if finished else None,
-        "usage": usage(seq),
+        "usage": usage(ticket),
     }
 
 
@@ -103,22 +105,23 @@ async def messages(request: web.Request) -> web.StreamResponse:
         tools=tuple(tools),
         tool_choice=choice,
     )
-    seq = await service.start(gen)
+    ticket = await service.start(gen)
+    seq = ticket.seq
     try:
         msg_id = "msg_" + secrets.token_hex(12)
         scanner = CallScanner(service.tool_format, tools, "toolu_") if tools else None
         if body.stream:
-            return await _stream(request, body, seq, msg_id, scanner, service.stop)
+            return await _stream(request, body, ticket, msg_id, scanner, service.stop)
         events = await collect(seq.stream(), scanner)
         if scanner and scanner.done:
             service.stop(seq)  # stopped at a repeated call: free the slot, keep the KV
         elif seq.finished.reason not in STOP_REASONS:
             raise failure(seq.finished)
         content = [{"type": "text", "text": e.text} if isinstance(e, Text) else _tool_use(e.call) for e in events]
-        return web.json_response(_message(body, msg_id, content or [{"type": "text", "text": ""}], seq, scanner))
+        return web.json_response(_message(body, msg_id, content or [{"type": "text", "text": ""}], ticket, scanner))
     finally:
         note_usage(request, [seq])
-        service.release(seq)
+        service.release(ticket)
 
 
 class _Blocks:
@@ -167,11 +170,12 @@ class _Blocks:
         await self.close()
 
 
-async def _stream(request: web.Request, body: MessagesRequest, seq: Sequence, msg_id: str,
+async def _stream(request: web.Request, body: MessagesRequest, ticket: Ticket, msg_id: str,
                   scanner: CallScanner | None, stop):
+    seq = ticket.seq
     response = await sse.open_stream(request)
     write = response.write
-    start = _message(body, msg_id, [], seq, final=False)
+    start = _message(body, msg_id, [], ticket, final=False)
     await write(sse.frame({"type": "message_start", "message": start}, "message_start"))
     blocks = _Blocks(write)
     if scanner is None:
@@ -191,7 +195,7 @@ async def _stream(request: web.Request, body: MessagesRequest, seq: Sequence, ms
             "type": "message_delta",
             "delta": {"stop_reason": _stop_reason(seq, scanner),
                       "stop_sequence": finished.stop_sequence if finished else None},
-            "usage": usage(seq),
+            "usage": usage(ticket),
         },
         "message_delta",
     ))

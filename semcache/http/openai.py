@@ -24,7 +24,7 @@ from semcache.http.openai_request import (  # noqa: F401  (re-exported: agents.p
     response_json,
 )
 from semcache.http.body import decode_body
-from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, failure
+from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
 from semcache.text.tools import (
     CallScanner,
     Text,
@@ -80,7 +80,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     if body.n > service.config.max_active:
         raise invalid(f"n ({body.n}) is larger than max_active ({service.config.max_active})", param="n")
-    seqs = await _start_choices(service, gen, body.n)
+    tickets = await _start_choices(service, gen, body.n)
+    seqs = [t.seq for t in tickets]
     try:
         head = {
             "id": "chatcmpl-" + secrets.token_hex(12),
@@ -109,8 +110,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage(seqs)})
     finally:
         note_usage(request, seqs)
-        for seq in seqs:
-            service.release(seq)
+        for ticket in tickets:
+            service.release(ticket)
 
 
 def _finish_reason(seq: Sequence, scanner: CallScanner | None, choice: ToolChoice) -> str:
@@ -144,8 +145,8 @@ def _message(events: list, scanner: CallScanner | None) -> dict:
     return message
 
 
-async def _start_choices(service, gen: Generation, n: int) -> list[Sequence]:
-    """n sequences for n choices (seeded ones get seed, seed+1, ...); all queued or none."""
+async def _start_choices(service, gen: Generation, n: int) -> list[Ticket]:
+    """n requests for n choices (seeded ones get seed, seed+1, ...); all queued or none."""
     if n == 1:  # no task: a refusal comes back in the same event-loop pass
         return [await service.start(gen)]
     gens = [gen]

@@ -60,6 +60,7 @@ class Scheduler:
         self.running = Running(self.metrics, clock, limits.stream_buffer, keep_kv=cache is not None)
         self._wake = asyncio.Event()  # a request arrived, or a cache entry finished loading
         self._stepping = False  # an engine step is in flight (its results not yet handed out)
+        self._stored: dict[int, asyncio.Future] = {}  # seq_id -> resolved with its cache entry once stored
         self.num_steps = 0
 
     # Public surface -------------------------------------------------------------------------
@@ -137,9 +138,18 @@ class Scheduler:
                 f"the request waited {self.limits.max_queue_wait:g} s in the queue", self.retry_after()
             ) from None
 
+    def when_stored(self, seq: Sequence) -> asyncio.Future:
+        """A future resolved with `seq`'s cache entry (None if it could not be stored) once its KV
+        is in the agent cache; cancelled if `seq` is aborted first."""
+        return self._stored.setdefault(seq.seq_id, asyncio.get_running_loop().create_future())
+
     def abort(self, seq: Sequence, error: str | None = None) -> None:
         """Stop `seq` wherever it is; its slot is free before the next engine step. Idempotent.
         With `error`, the server refused it (the caller reports a 503), not the client."""
+        waiter = self._stored.get(seq.seq_id)
+        if waiter is not None and (waiter.done() or not seq.is_done):
+            del self._stored[seq.seq_id]
+            waiter.cancel()
         if seq.is_done:
             return
         if seq.status is Status.WAITING:
@@ -238,8 +248,9 @@ class Scheduler:
         for seq_id, seq in keep.items():
             data = kept.get(seq_id)
             entry = self.cache.put(seq.tenant, seq.agent, seq.prompt_ids + seq.output_ids, data) if data else None
-            if seq.on_stored is not None and not seq.on_stored.done():
-                seq.on_stored.set_result(entry)
+            waiter = self._stored.pop(seq_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(entry)
 
     def _lookup(self, seq: Sequence) -> Match | None:
         """The sequence's cache match once resident; None while its entry loads from disk."""

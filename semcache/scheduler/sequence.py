@@ -6,7 +6,6 @@ import asyncio
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
 
 from semcache.engine.types import SamplingParams
 
@@ -61,11 +60,8 @@ class Sequence:
     fingerprint: str | None = None  # the model its prompt was tokenized for
     agent: str | None = None  # X-Agent-ID; None: an anonymous request (still gets prefix reuse)
     num_cached_tokens: int = 0  # prompt tokens served from the agent cache
-    cache_breakpoint: int = 0  # prompt tokens up to the request's last cache_control mark
     cache_from_disk: bool = False
     num_cache_waits: int = 0
-    grant: Any = None  # ratelimit.Grant charged for this request, settled when it ends
-    on_stored: asyncio.Future | None = None  # resolved with its cache entry (or None) once stored
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     admitted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 

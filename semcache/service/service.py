@@ -1,16 +1,15 @@
-"""The dialect-neutral half of a request: decode, tokenize, check limits, queue, wait for a slot.
+"""The one seam between HTTP and the layers below: tokenize, check limits, queue, wait for a slot.
 
-anthropic.py and openai.py turn their bodies into a `Generation`, call `Service.start`, and render
-the resulting Sequence's text and `Finished` event back in their own format.
+http/anthropic.py and http/openai.py turn their bodies into a `Generation` (service/request.py),
+call `Service.start`, and render the Ticket's Sequence text and `Finished` event in their format.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from semcache.text.chat import ChatMessage, PromptRenderer
@@ -19,64 +18,16 @@ from semcache.engine.types import Engine, ModelInfo, SamplingParams
 from semcache.ops.errors import ApiError, Kind, invalid
 from semcache.text.grammar import GrammarError, Grammars, json_grammar
 from semcache.cache.index import ANON, AgentCache
-from semcache.ops.ratelimit import Grant, RateLimited, RateLimiter
 from semcache.scheduler.scheduler import Overloaded, Scheduler, TooLarge
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence
+from semcache.service.request import Generation, Ticket, charge, failure, refusal
 from semcache.engine.toolformat import format_for
-from semcache.text.tools import Tool, ToolChoice, ToolFormat
+from semcache.text.tools import Tool, ToolFormat
 
 # What the HTTP layer may know of the layers below, handed on here: the service is its only seam.
 __all__ = ["ANON", "FinishReason", "Finished", "Generation", "ModelInfo", "SamplingParams", "Sequence", "Service",
-           "charge", "failure", "refusal"]
+           "Ticket", "charge", "failure", "refusal"]
 
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What both dialects ask for, once decoded."""
-
-    messages: list[ChatMessage]
-    max_tokens: int
-    sampling: SamplingParams
-    stop: tuple[str, ...] = ()
-    priority: int = 5
-    continue_final: bool = False  # a trailing assistant message is a prefill to continue
-    tenant: str = "default"
-    agent: str | None = None
-    breakpoint: list[ChatMessage] | None = None  # the conversation up to its last cache_control mark
-    rate_key: str = "anonymous"  # whose rate-limit buckets pay for it
-    tools: tuple[Tool, ...] = ()
-    tool_choice: ToolChoice = field(default_factory=ToolChoice)
-    json_mode: bool = False  # OpenAI response_format: the answer is JSON (matching json_schema if set)
-    json_schema: dict | None = None
-
-
-def charge(limiter: RateLimiter, key: str, tokens: int) -> Grant:
-    """Take one request and `tokens` from the key's buckets, or raise the dialect-neutral ApiError
-    (429 with Retry-After; 400 for a request that could never fit the token budget)."""
-    try:
-        return limiter.acquire(key, tokens)
-    except RateLimited as exc:
-        if exc.never:
-            raise invalid(exc.message, param="max_tokens") from None
-        raise ApiError(Kind.RATE_LIMIT, f"rate limit exceeded: {exc.message}",
-                       retry_after=max(1, math.ceil(exc.retry_after))) from None
-
-
-def failure(finished: Finished) -> ApiError:
-    """The API error for a sequence that ended without an answer (aborted by the server, or failed).
-    An abort with a message is the daemon shutting down: 503 in both dialects."""
-    if finished.reason is FinishReason.ABORT and finished.error:
-        return ApiError(Kind.UNAVAILABLE, finished.error, retry_after=5)
-    if finished.reason is FinishReason.ABORT:
-        return ApiError(Kind.OVERLOADED, "the request was cancelled by the server", retry_after=5)
-    return ApiError(Kind.INTERNAL, finished.error or "generation failed")
-
-
-def refusal(exc: Overloaded) -> ApiError:
-    """A capacity refusal: 529/503 overloaded, or 503 unavailable while the daemon shuts down."""
-    kind = Kind.UNAVAILABLE if exc.unavailable else Kind.OVERLOADED
-    return ApiError(kind, f"overloaded: {exc}", retry_after=exc.retry_after)
 
 
 def settle_heap() -> None:
@@ -211,33 +162,34 @@ class Service:
         except Exception as exc:  # jinja templates raise on histories they do not accept
             raise invalid(f"the chat template rejected these messages: {exc}", param="messages") from None
 
-    async def start(self, gen: Generation, warm: bool = False) -> Sequence:
-        """Queue the generation and wait for its slot; the caller must abort the Sequence when done.
+    async def start(self, gen: Generation, warm: bool = False) -> Ticket:
+        """Queue the generation and wait for its slot; the caller must `release` the ticket when done.
         With `warm`, only prefill the conversation (no assistant turn opened) for the agent cache."""
         try:
             self.scheduler.reserve()  # a full queue refuses before any template work
         except Overloaded as exc:
             raise refusal(exc) from None
         try:
-            seq = await self._prepare(gen, warm)
+            ticket = await self._prepare(gen, warm)
         finally:
             self.scheduler.unreserve()
+        seq = ticket.seq
         try:
             self.scheduler.submit(seq)
             await self.scheduler.wait_admitted(seq)
         except BaseException as exc:
-            self.release(seq)  # refused: nothing was used, the rate-limit charge comes back
+            self.release(ticket)  # refused: nothing was used, the rate-limit charge comes back
             if isinstance(exc, Overloaded):
                 raise refusal(exc) from None
             if isinstance(exc, TooLarge):
                 raise invalid(str(exc), param="max_tokens") from None
             raise
         if seq.finished is not None and seq.finished.reason is FinishReason.ABORT:
-            self.release(seq)
+            self.release(ticket)
             raise failure(seq.finished)  # refused while queued: still a plain HTTP error, not a stream
-        return seq
+        return ticket
 
-    async def _prepare(self, gen: Generation, warm: bool) -> Sequence:
+    async def _prepare(self, gen: Generation, warm: bool) -> Ticket:
         """Tokenize (with the model that will run it), check the context, charge the rate limit."""
         await self._not_swapping.wait()
         prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools)
@@ -258,14 +210,15 @@ class Service:
             agent=gen.agent,
             fingerprint=self.engine.info.fingerprint,
         )
+        ticket = Ticket(seq)
         if gen.breakpoint:
-            seq.cache_breakpoint = await self._render(self.renderer.count_prefix, gen.messages, gen.breakpoint,
-                                                      list(gen.tools))
+            ticket.cache_breakpoint = await self._render(self.renderer.count_prefix, gen.messages, gen.breakpoint,
+                                                         list(gen.tools))
         if warm:
-            seq.on_stored = asyncio.get_running_loop().create_future()
+            ticket.stored = self.scheduler.when_stored(seq)
         if self.limiter is not None:
-            seq.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + seq.max_tokens)
-        return seq
+            ticket.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + seq.max_tokens)
+        return ticket
 
     async def swap_model(self, spec: str) -> float:
         """Load another model: new requests wait in the queue, running ones finish, then the swap;
@@ -288,10 +241,11 @@ class Service:
                 self.scheduler.resume()
             return time.perf_counter() - start
 
-    def release(self, seq: Sequence) -> None:
-        """The handler is done with `seq`: stop it if still running; refund unused tokens."""
+    def release(self, ticket: Ticket) -> None:
+        """The handler is done with the request: stop it if still running; refund unused tokens."""
+        seq = ticket.seq
         self.scheduler.abort(seq)
-        if seq.grant is not None:  # a request that never ran used nothing
+        if ticket.grant is not None:  # a request that never ran used nothing
             ran = seq.admitted_at is not None
-            seq.grant.settle(seq.num_prompt_tokens + seq.num_output_tokens if ran else 0)
+            ticket.grant.settle(seq.num_prompt_tokens + seq.num_output_tokens if ran else 0)
 

@@ -1,0 +1,76 @@
+"""What a request is to the service: the dialect-neutral `Generation` a handler asks for, the
+`Ticket` it holds while the request runs, and the API errors for refusals and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+from semcache.engine.types import SamplingParams
+from semcache.ops.errors import ApiError, Kind, invalid
+from semcache.ops.ratelimit import Grant, RateLimited, RateLimiter
+from semcache.scheduler.scheduler import Overloaded
+from semcache.scheduler.sequence import Finished, FinishReason, Sequence
+from semcache.text.chat import ChatMessage
+from semcache.text.tools import Tool, ToolChoice
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What both dialects ask for, once decoded."""
+
+    messages: list[ChatMessage]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    priority: int = 5
+    continue_final: bool = False  # a trailing assistant message is a prefill to continue
+    tenant: str = "default"
+    agent: str | None = None
+    breakpoint: list[ChatMessage] | None = None  # the conversation up to its last cache_control mark
+    rate_key: str = "anonymous"  # whose rate-limit buckets pay for it
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    json_mode: bool = False  # OpenAI response_format: the answer is JSON (matching json_schema if set)
+    json_schema: dict | None = None
+
+
+def charge(limiter: RateLimiter, key: str, tokens: int) -> Grant:
+    """Take one request and `tokens` from the key's buckets, or raise the dialect-neutral ApiError
+    (429 with Retry-After; 400 for a request that could never fit the token budget)."""
+    try:
+        return limiter.acquire(key, tokens)
+    except RateLimited as exc:
+        if exc.never:
+            raise invalid(exc.message, param="max_tokens") from None
+        raise ApiError(Kind.RATE_LIMIT, f"rate limit exceeded: {exc.message}",
+                       retry_after=max(1, math.ceil(exc.retry_after))) from None
+
+
+def failure(finished: Finished) -> ApiError:
+    """The API error for a sequence that ended without an answer (aborted by the server, or failed).
+    An abort with a message is the daemon shutting down: 503 in both dialects."""
+    if finished.reason is FinishReason.ABORT and finished.error:
+        return ApiError(Kind.UNAVAILABLE, finished.error, retry_after=5)
+    if finished.reason is FinishReason.ABORT:
+        return ApiError(Kind.OVERLOADED, "the request was cancelled by the server", retry_after=5)
+    return ApiError(Kind.INTERNAL, finished.error or "generation failed")
+
+
+def refusal(exc: Overloaded) -> ApiError:
+    """A capacity refusal: 529/503 overloaded, or 503 unavailable while the daemon shuts down."""
+    kind = Kind.UNAVAILABLE if exc.unavailable else Kind.OVERLOADED
+    return ApiError(kind, f"overloaded: {exc}", retry_after=exc.retry_after)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request as its handler holds it: the scheduler's Sequence, plus what only the request
+    layer needs (the rate-limit charge, the Anthropic cache_control breakpoint, and for a warm-up
+    the future of its stored cache entry)."""
+
+    seq: Sequence
+    grant: Grant | None = None
+    cache_breakpoint: int = 0  # prompt tokens up to the request's last cache_control mark
+    stored: asyncio.Future | None = None
