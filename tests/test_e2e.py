@@ -178,7 +178,7 @@ def plain_loop():
         ids = renderer.render([ChatMessage("user", prompt)])
         out = []
         for token, _ in generate_step(mx.array(ids), loaded.model, max_tokens=24):
-            if token in loaded.eos_token_ids:
+            if token in loaded.info.eos_token_ids:
                 break
             out.append(token)
         return loaded.tokenizer.decode(out)

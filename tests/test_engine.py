@@ -11,9 +11,9 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from semcache.engine.types import Admission, SamplingParams
-from semcache.engine.engine import MLXEngine, kv_bytes_per_token
-from semcache.engine.models import LoadedModel
+from semcache.engine.types import Admission, ModelInfo, SamplingParams
+from semcache.engine.engine import MLXEngine
+from semcache.engine.models import LoadedModel, kv_bytes_per_token
 
 ATOL = 1e-4
 GREEDY = SamplingParams(temperature=0.0)
@@ -32,9 +32,9 @@ def tiny_model():
 @pytest.fixture(scope="module", params=[7, 512], ids=["chunked-prefill", "grouped-prefill"])
 def engine(tokenizer, request):
     def loader(_spec):
-        return LoadedModel(model=tiny_model(), tokenizer=tokenizer, model_id="tiny", path="", context_length=512,
-                           eos_token_ids=frozenset({2}), fingerprint="tiny", backend="cpu", dtype="float32",
-                           nbytes=0)
+        model = tiny_model()
+        info = ModelInfo("tiny", 512, frozenset({2}), kv_bytes_per_token(model, 4), fingerprint="tiny")
+        return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
     eng = MLXEngine(None, prefill_chunk=request.param, loader=loader)
     asyncio.run(eng.load())

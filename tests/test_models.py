@@ -33,7 +33,7 @@ def test_mlx_lm_folder_loads_as_float32(tmp_path, tokenizer):
     (folder / "config.json").write_text(json.dumps(args))
     tokenizer.save_pretrained(str(folder))
     loaded = load_model(str(folder))
-    assert loaded.model_id == "tiny-llama" and loaded.dtype == "float32" and 2 in loaded.eos_token_ids
+    assert loaded.info.model_id == "tiny-llama" and loaded.info.dtype == "float32" and 2 in loaded.info.eos_token_ids
     ids = mx.array([[1, 2, 3, 4, 5]])
     np.testing.assert_allclose(np.array(loaded.model(ids)), np.array(model(ids)), atol=1e-5)
     assert loaded.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)

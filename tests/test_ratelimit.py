@@ -16,7 +16,6 @@ from semcache.ops.ratelimit import (
     anthropic_headers,
     go_duration,
     openai_headers,
-    retry_headers,
     rfc3339,
 )
 
@@ -165,7 +164,6 @@ class TestRateLimiter:
         assert exc.value.never and exc.value.scope == "tokens" and math.isinf(exc.value.retry_after)
         assert "101" in exc.value.message and "100" in exc.value.message and "never" in exc.value.message
         assert levels(rl, "a") == (5, 100)
-        assert retry_headers(exc.value) == {}
 
     @pytest.mark.parametrize("limits", [RateLimits(), RateLimits(rpm=0, tpm=0, global_rpm=0)])
     def test_unlimited_never_refuses_and_has_no_headers(self, clock, limits):
@@ -271,7 +269,3 @@ class TestHeaders:
             "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"}
         assert all("tokens" in h for h in anthropic_headers(snap, 0.0))
 
-    def test_retry_headers(self):
-        """a refusal renders Retry-After in whole seconds (rounded up, at least 1) and retry-after-ms."""
-        assert retry_headers(RateLimited(1.2, "requests", "m")) == {"retry-after": "2", "retry-after-ms": "1200"}
-        assert retry_headers(RateLimited(0.02, "tokens", "m")) == {"retry-after": "1", "retry-after-ms": "20"}

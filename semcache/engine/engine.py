@@ -19,14 +19,6 @@ from semcache.engine.types import Admission, ModelInfo, StepResult
 log = logging.getLogger("semcache.engine")
 
 
-def kv_bytes_per_token(model: Any, itemsize: int) -> int:
-    """Bytes of K and V that one token occupies across all layers."""
-    args = model.args
-    heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
-    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-    return 2 * len(model.layers) * heads * head_dim * itemsize
-
-
 class MLXEngine:
     """Continuous batching on mlx-lm models: loading and every Batcher step (batch.py) on one thread."""
 
@@ -50,25 +42,12 @@ class MLXEngine:
         self.load_seconds = time.perf_counter() - start
 
     def _load_sync(self) -> None:
-        import mlx.core as mx
-
         from semcache.engine.models import load_model
 
         loaded = (self._loader or load_model)(self.model_spec)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.batcher = Batcher(loaded.model, self.prefill_chunk)
-        itemsize = mx.float32.size if loaded.backend == "cpu" else mx.float16.size
-        self.info = ModelInfo(
-            model_id=loaded.model_id,
-            context_length=loaded.context_length,
-            eos_token_ids=loaded.eos_token_ids,
-            kv_bytes_per_token=kv_bytes_per_token(loaded.model, itemsize),
-            path=loaded.path,
-            backend=loaded.backend,
-            dtype=loaded.dtype,
-            nbytes=loaded.nbytes,
-            fingerprint=loaded.fingerprint,
-        )
+        self.info = loaded.info
 
     async def swap(self, model_spec: str) -> None:
         """Load another model in place of this one; if that fails, this one stays (and it raises)."""

@@ -16,6 +16,7 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from semcache.ops.errors import ModelLoadError
 from semcache.engine.gguf import load_gguf, load_gguf_tokenizer
+from semcache.engine.types import ModelInfo
 
 __all__ = ["LoadedModel", "ModelLoadError", "describe", "embedded_model_path", "load_gguf_tokenizer", "load_model"]
 
@@ -39,14 +41,7 @@ class LoadedModel:
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerFast
-    model_id: str
-    path: str
-    context_length: int
-    eos_token_ids: frozenset[int]
-    fingerprint: str
-    backend: str
-    dtype: str
-    nbytes: int
+    info: ModelInfo
 
 
 def embedded_model_path() -> Path:
@@ -122,18 +117,19 @@ def load_model(spec: str | None) -> LoadedModel:
             mx.eval(model.parameters())
     nbytes = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
     dtype = _weights_dtype(model)
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        model_id=model_id,
-        path=str(path),
-        context_length=ctx,
-        eos_token_ids=frozenset(eos),
-        fingerprint=_fingerprint(path, tokenizer, backend, dtype),
-        backend=backend,
-        dtype=dtype,
-        nbytes=nbytes,
-    )
+    itemsize = mx.float32.size if backend == "cpu" else mx.float16.size
+    info = ModelInfo(model_id=model_id, context_length=ctx, eos_token_ids=frozenset(eos),
+                     kv_bytes_per_token=kv_bytes_per_token(model, itemsize), path=str(path), backend=backend,
+                     dtype=dtype, nbytes=nbytes, fingerprint=_fingerprint(path, tokenizer, backend, dtype))
+    return LoadedModel(model, tokenizer, info)
+
+
+def kv_bytes_per_token(model: Any, itemsize: int) -> int:
+    """Bytes of K and V that one token occupies across all layers."""
+    args = model.args
+    heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    return 2 * len(model.layers) * heads * head_dim * itemsize
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from msgspec import Meta, Struct
 
 from semcache.http import anthropic, openai
 from semcache.ops.errors import ApiError, Kind, invalid
+from semcache.http.dialect import sends_anthropic_version
 from semcache.http.identity import DEFAULT_TENANT, TENANT, check_agent_id, rate_key
 from semcache.http.appkeys import SERVICE
 from semcache.http.body import decode_body
@@ -135,7 +136,7 @@ async def warm_agent(request: web.Request) -> web.Response:
 def _warm_messages(request: web.Request, raw: bytes) -> tuple[list, list]:
     """Messages and tools: Anthropic dialect with an anthropic-version header or a top-level
     `system`; else OpenAI."""
-    if "anthropic-version" in request.headers or decode_body(raw, _dialect_probe).system:
+    if sends_anthropic_version(request) or decode_body(raw, _dialect_probe).system:
         body = decode_body(raw, _anthropic_warm)
         if not body.messages and not body.system:
             raise invalid("nothing to warm: give a system prompt or messages", param="messages")

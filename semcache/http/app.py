@@ -9,6 +9,7 @@ import time
 from aiohttp import web
 
 from semcache.http import admin, agents, anthropic, middleware, openai
+from semcache.http.dialect import sends_anthropic_version
 from semcache.http.appkeys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS, SERVICE, Inflight
 from semcache.ops.config import Config
 from semcache.ops.errors import ApiError, Kind
@@ -112,7 +113,7 @@ async def list_models(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     service.require_loaded()
     info = service.info
-    if "anthropic-version" in request.headers:
+    if sends_anthropic_version(request):
         data = [anthropic.model_info(info.model_id, info.context_length)]
         return web.json_response(
             {"data": data, "has_more": False, "first_id": info.model_id, "last_id": info.model_id}
@@ -127,7 +128,7 @@ async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     if model_id != info.model_id:
         raise ApiError(Kind.NOT_FOUND, f"model '{model_id}' does not exist; this server serves '{info.model_id}'")
-    if "anthropic-version" in request.headers:
+    if sends_anthropic_version(request):
         return web.json_response(anthropic.model_info(info.model_id, info.context_length))
     return web.json_response(openai.model_object(info.model_id))
 

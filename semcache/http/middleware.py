@@ -12,6 +12,7 @@ import msgspec
 from aiohttp import web
 
 from semcache.ops.errors import ApiError, Kind, anthropic_body, invalid, openai_body, status_for
+from semcache.http.dialect import is_anthropic
 from semcache.http.identity import ADMIN, KEY, TENANT, USAGE, rate_key
 from semcache.http.appkeys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS
 from semcache.ops.ratelimit import anthropic_headers, openai_headers
@@ -32,11 +33,6 @@ _HTTP_KINDS = {
     413: Kind.TOO_LARGE,
     429: Kind.RATE_LIMIT,
 }
-
-
-def is_anthropic(request: web.Request) -> bool:
-    """Anthropic dialect for /v1/messages* or any request with an anthropic-version header."""
-    return request.path.startswith("/v1/messages") or "anthropic-version" in request.headers
 
 
 def error_response(request: web.Request, err: ApiError) -> web.Response:

@@ -228,9 +228,3 @@ def openai_headers(snap: Snapshot) -> dict[str, str]:
     return _render(snap, "x-ratelimit-{field}-{dim}", go_duration)
 
 
-def retry_headers(refusal: RateLimited) -> dict[str, str]:
-    """Retry-After (whole seconds, rounded up) and retry-after-ms for a refusal; empty when `never`."""
-    if refusal.never or math.isinf(refusal.retry_after):
-        return {}
-    return {"retry-after": str(max(1, math.ceil(refusal.retry_after - _EPS))),
-            "retry-after-ms": str(math.ceil(refusal.retry_after * 1000 - _EPS))}
