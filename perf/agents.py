@@ -206,10 +206,10 @@ def miss_overhead(workdir: Path, runs: int, n: int, max_tokens: int) -> dict:
 
 async def unique_burst(base: str, n: int, max_tokens: int, salt: str) -> float:
     """n concurrent requests whose ~150-token prompts differ from their first word: all misses."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+    async with client.session() as session:
         start = time.perf_counter()
         results = await asyncio.gather(*(client.stream_chat(
-            session, base, f"Request {salt}-{i}. " + system_prompt(i, sentences=8) + " " + PROMPTS[i % 16],
+            session, base, client.user(f"Request {salt}-{i}. " + system_prompt(i, sentences=8) + " " + PROMPTS[i % 16]),
             max_tokens) for i in range(n)))
         wall = time.perf_counter() - start
     assert all(r["status"] == 200 for r in results), [r["status"] for r in results]

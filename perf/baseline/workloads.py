@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import statistics
 import time
 
@@ -13,7 +12,7 @@ import aiohttp
 
 from perf import client
 from perf.baseline.params import Params
-from perf.common import PROMPTS, QUESTIONS, percentiles, sse_events, system_prompt
+from perf.common import PROMPTS, QUESTIONS, percentiles, system_prompt
 
 
 def measure_targets(targets: dict[str, tuple[str, str]], params: Params, run_id: str) -> dict:
@@ -37,38 +36,6 @@ def measure_targets(targets: dict[str, tuple[str, str]], params: Params, run_id:
     return out
 
 
-def _session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=900))
-
-
-async def stream(session: aiohttp.ClientSession, base: str, messages: list[dict], max_tokens: int,
-                 headers: dict | None = None) -> dict:
-    """One streamed OpenAI chat completion at temperature 0, timing every content chunk (TTFT, ITL) and
-    reading usage. (perf.client.stream_chat times only the first and last chunk, of a one-message prompt.)"""
-    body = {"model": client.MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    times, text, usage = [], [], {}
-    async with session.post(f"{base}/v1/chat/completions", json=body, headers=headers) as response:
-        if response.status != 200:
-            return {"status": response.status, "error": (await response.text())[:500]}
-        async for data in sse_events(response):
-            usage = data.get("usage") or usage
-            pieces = [c["delta"].get("content") for c in data.get("choices") or ()]
-            if any(pieces):
-                times.append(time.perf_counter())
-                text.extend(p for p in pieces if p)
-    end = time.perf_counter()
-    return {"status": 200, "ttft": (times[0] if times else end) - start, "total": end - start,
-            "gaps": [b - a for a, b in itertools.pairwise(times)], "text": "".join(text),
-            "tokens": usage.get("completion_tokens", len(times)), "prompt_tokens": usage.get("prompt_tokens"),
-            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
-
-
-def _user(content: str) -> list[dict]:
-    return [{"role": "user", "content": content}]
-
-
 def ms(seconds: list[float]) -> dict:
     """p50, p95 and max in milliseconds ({} for no values)."""
     p = percentiles([s * 1000 for s in seconds], (50, 95, 100))
@@ -77,8 +44,9 @@ def ms(seconds: list[float]) -> dict:
 
 async def first_requests(base: str, max_tokens: int, run_id: str) -> list[dict]:
     """The first two requests a fresh daemon serves (different prompts): what a first user waits."""
-    async with _session() as session:
-        results = [await stream(session, base, _user(f"[{run_id}] {PROMPTS[i]}"), max_tokens) for i in (0, 1)]
+    async with client.session() as session:
+        results = [await client.stream_chat(session, base, client.user(f"[{run_id}] {PROMPTS[i]}"), max_tokens)
+                   for i in (0, 1)]
     assert all(r["status"] == 200 for r in results), results
     return [{"ttft_ms": r["ttft"] * 1000, "total_ms": r["total"] * 1000, "tokens": r["tokens"]} for r in results]
 
@@ -87,10 +55,10 @@ async def agent_series(base: str, params: Params, agent_id: str, salt: str) -> d
     """One agent (X-Agent-ID) takes `turns` turns of a growing conversation: TTFT and cached tokens per turn."""
     messages = [{"role": "system", "content": system_prompt(0, salt, params.system_sentences)}]
     rows = []
-    async with _session() as session:
+    async with client.session() as session:
         for t in range(1, params.turns + 1):
             messages.append({"role": "user", "content": QUESTIONS[(t - 1) % len(QUESTIONS)]})
-            r = await stream(session, base, messages, params.agent_max_tokens, {"X-Agent-ID": agent_id})
+            r = await client.stream_chat(session, base, messages, params.agent_max_tokens, {"X-Agent-ID": agent_id})
             assert r["status"] == 200, r
             messages.append({"role": "assistant", "content": r["text"].strip() or "."})
             rows.append({"turn": t, "ttft_ms": r["ttft"] * 1000, "total_ms": r["total"] * 1000,
@@ -118,7 +86,7 @@ async def health(url: str, params: Params) -> dict:
             return "timeout", params.health_timeout_s
         return str(response.status), time.perf_counter() - start
 
-    async with _session() as session:
+    async with client.session() as session:
         alone = [await probe(session) for _ in range(params.health_probes)]
         crowd = [p for _ in range(params.health_bursts)
                  for p in await asyncio.gather(*(probe(session) for _ in range(params.burst_size)))]
@@ -129,10 +97,11 @@ async def health(url: str, params: Params) -> dict:
 
 async def burst(base: str, n: int, max_tokens: int, salt: str) -> dict:
     """n streamed requests at once; the salt leads each prompt, so no earlier request's cache serves it."""
-    async with _session() as session:
+    async with client.session() as session:
         start = time.perf_counter()
         prompts = [f"{salt} {PROMPTS[i % len(PROMPTS)]}" for i in range(n)]
-        results = await asyncio.gather(*(stream(session, base, _user(p), max_tokens) for p in prompts))
+        results = await asyncio.gather(*(client.stream_chat(session, base, client.user(p), max_tokens)
+                                         for p in prompts))
         wall = time.perf_counter() - start
     ok = [r for r in results if r["status"] == 200]
     return {"wall_s": wall, "results": results, "tok_s": sum(r["tokens"] for r in ok) / wall}
