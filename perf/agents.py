@@ -216,6 +216,18 @@ async def unique_burst(base: str, n: int, max_tokens: int, salt: str) -> float:
     return sum(r["tokens"] for r in results) / wall
 
 
+def configure(parser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("perf-agents.json"))
+    parser.add_argument("--agents", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--budget", default="256MiB", help="cache_memory_budget (must not fit every agent)")
+    parser.add_argument("--runs", type=int, default=3, help="alternating runs of the miss-overhead test")
+
+
+def main(args) -> dict:
+    return run(args.out, agents=args.agents, max_tokens=args.max_tokens, budget=args.budget, runs=args.runs)
+
+
 def run(out: Path, agents: int = 12, max_tokens: int = 32, budget: str = "256MiB", runs: int = 3) -> dict:
     with tempfile.TemporaryDirectory(prefix="semcache-perf-agents-") as tmp:
         workdir = Path(tmp)

@@ -37,6 +37,17 @@ class BareLoop:
         return (len(times) - 1) / (times[-1] - times[0])
 
 
+def configure(parser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("perf-serving.json"))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
+
+
+def main(args) -> dict:
+    return run(args.out, runs=args.runs, max_tokens=args.max_tokens, peer=not args.no_peer)
+
+
 def run(out: Path, runs: int = 3, max_tokens: int = 64, peer: bool = True, workdir: Path | None = None) -> dict:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="semcache-perf-"))
     log = workdir / "servers.log"

@@ -29,6 +29,15 @@ def models(base: str) -> list[str]:
         return [m["id"] for m in json.loads(r.read())["data"]]
 
 
+def configure(parser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("perf-swap.json"))
+    parser.add_argument("--runs", type=int, default=3)
+
+
+def main(args) -> dict:
+    return run(args.out, runs=args.runs)
+
+
 def run(out: Path, runs: int = 3) -> dict:
     from semcache.engine.models import embedded_model_path
 
