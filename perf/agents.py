@@ -1,4 +1,6 @@
-"""Agent cache benchmark (issue 3 §5): warm vs cold turns, across a restart, disk loads, miss overhead.
+"""Agent cache benchmark: how much faster an agent's later turns are when its KV is cached (warm
+vs cold turns, across a restart), how long a cache entry takes to load from disk, and what
+caching costs when every lookup misses.
 
 12 agents, each with its own ~1,000-token system prompt, take 3 turns round-robin (greedy, 32 output
 tokens) against one daemon whose cache_memory_budget holds only some of them; the daemon is then

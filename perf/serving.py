@@ -1,4 +1,5 @@
-"""Serving benchmark (issue 2 §6): semcache vs a bare mlx-lm loop and, with --peer, mlx_lm.server.
+"""Serving benchmark: decode speed, throughput under concurrency and health latency of semcache,
+against a bare mlx-lm loop on the same weights and, with --peer, mlx_lm.server.
 
 Workloads alternate between targets within each round (ABAB...), `runs` rounds, and the report
 compares medians: ratios measured side by side, never one absolute time against another.

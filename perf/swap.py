@@ -1,4 +1,4 @@
-"""Model hot-swap time on an idle daemon (issue 4 §5): POST /admin/model between the embedded GGUF
+"""Model hot-swap time on an idle daemon: POST /admin/model between the embedded GGUF
 and the same weights exported as an mlx-lm folder (a different fingerprint), `runs` times each way.
 """
 

@@ -1,5 +1,5 @@
 """One kill: when it lands (a seeded moment among the cache's writes), what it left on disk, what the
-restart after it found and served, and the findings of all kills added up."""
+restart after it found and served, and what all kills found, added up."""
 
 from __future__ import annotations
 
