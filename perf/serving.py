@@ -8,6 +8,7 @@ compares medians: ratios measured side by side, never one absolute time against 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -83,7 +84,7 @@ def run(out: Path, runs: int = 3, max_tokens: int = 64, peer: bool = True, workd
                 peer_ctx.__exit__(None, None, None)
     report["targets"] = {k: {kk: v for kk, v in t.items() if kk != "base"} for k, t in targets.items()}
     report["summary"] = compare(report)
-    out.write_text(__import__("json").dumps(report, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -99,8 +100,8 @@ def round_for(target: dict, max_tokens: int, salt: str) -> dict:
 
 
 def summary(r: dict) -> str:
-    return (f"single {r['sequential_4']['single_decode_tok_s']:.1f} tok/s, seq4 {r['sequential_4']['aggregate_tok_s']:.1f}"
-            f", c16 {r['concurrent_16']['aggregate_tok_s']:.1f} tok/s, health p99 "
+    return (f"single {r['sequential_4']['single_decode_tok_s']:.1f} tok/s, "
+            f"seq4 {r['sequential_4']['aggregate_tok_s']:.1f}, c16 {r['concurrent_16']['aggregate_tok_s']:.1f} tok/s, health p99 "
             f"{r['concurrent_16']['health_ms'].get('p99', float('nan')):.1f} ms")
 
 

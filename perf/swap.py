@@ -46,7 +46,7 @@ def run(out: Path, runs: int = 3) -> dict:
     with tempfile.TemporaryDirectory(prefix="semcache-perf-swap-") as tmp:
         folder = str(servers.export_embedded(Path(tmp) / "mlx-model"))
         port = servers.free_port()
-        cmd = servers.semcache_cmd(port) + ["--cache-dir", str(Path(tmp) / "cache")]
+        cmd = servers.semcache_cmd(port, Path(tmp) / "cache")
         env = {"SEMCACHE_ADMIN_KEY": ADMIN}
         with servers.running(cmd, "/health/ready", port, Path(tmp) / "swap.log", env) as (base, _, _):
             chat = {"model": "m", "max_tokens": 8, "temperature": 0,

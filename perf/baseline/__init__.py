@@ -82,7 +82,7 @@ def measure_semcache(report: dict, params: Params, workdir: Path, compare: str |
     run_id = report["params"]["run_id"]
     port, cache_dir = servers.free_port(), workdir / "baseline-cache"  # run_agents uses workdir/cache
     report["config"] = daemon_config(cache_dir, port)
-    cmd = servers.semcache_cmd(port) + ["--cache-dir", str(cache_dir)]
+    cmd = servers.semcache_cmd(port, cache_dir)
     print("semcache: cold start", flush=True)
     with servers.running(cmd, "/health/ready", port, workdir / "semcache.log") as (base, pid, ready):
         report["startup"] = {"seconds_to_ready": ready, "rss_mb_at_ready": rss_mb(pid)}
