@@ -1,4 +1,6 @@
-"""Agent cache benchmark (issue 3 §5): warm vs cold turns, across a restart, disk loads, miss overhead.
+"""Agent cache benchmark: how much faster an agent's later turns are when its KV is cached (warm
+vs cold turns, across a restart), how long a cache entry takes to load from disk, and what
+caching costs when every lookup misses.
 
 12 agents, each with its own ~1,000-token system prompt, take 3 turns round-robin (greedy, 32 output
 tokens) against one daemon whose cache_memory_budget holds only some of them; the daemon is then
@@ -101,41 +103,44 @@ def lookups(base: str) -> dict[str, int]:
 
 
 def run_agents(workdir: Path, agents: int, max_tokens: int, budget: str) -> dict:
-    cache_dir = workdir / "cache"
+    """Every agent takes turns 1-3 on a daemon, which is then stopped (SIGTERM) and started again on
+    the same cache folder for turn 4: TTFT ratios, lookups, memory tier bytes against the budget."""
     env = {"SEMCACHE_CACHE_MEMORY_BUDGET": budget, "SEMCACHE_MAX_QUEUE_WAIT": "600"}
     systems = {a: system_prompt(a) for a in range(agents)}
     histories: dict[int, list] = {a: [] for a in range(agents)}
-    port = servers.free_port()
-    cmd = servers.semcache_cmd(port) + ["--cache-dir", str(cache_dir)]
-    with servers.running(cmd, "/health/ready", port, workdir / "semcache-agents.log", env) as (base, pid, _):
-        with Sampler(base, pid) as sampler:
-            before = asyncio.run(agent_turns(base, agents, range(1, 4), histories, systems, max_tokens))
-            entry_bytes = asyncio.run(largest_entry(base))
-            lookups_before = lookups(base)
-    # servers.running stops the daemon with SIGTERM; start it again on the same cache folder
-    port = servers.free_port()
-    cmd = servers.semcache_cmd(port) + ["--cache-dir", str(cache_dir)]
-    with servers.running(cmd, "/health/ready", port, workdir / "semcache-agents.log", env) as (base, pid, ready):
-        with Sampler(base, pid) as sampler2:
-            after = asyncio.run(agent_turns(base, agents, range(4, 5), histories, systems, max_tokens))
-            lookups_after = lookups(base)
+    first = _on_daemon(workdir, env, range(1, 4), histories, systems, max_tokens)
+    again = _on_daemon(workdir, env, range(4, 5), histories, systems, max_tokens)
+    before, after = first["turns"], again["turns"]
     cold = statistics.median(r["ttft"] for r in before if r["turn"] == 1)
     warm = statistics.median(r["ttft"] for r in before if r["turn"] > 1)
     restarted = statistics.median(r["ttft"] for r in after)
-    budget_bytes = _size(budget)
+    budget_bytes, entry_bytes = _size(budget), first["largest_entry"]
+    max_memory = max(first["sampler"].max_memory_bytes, again["sampler"].max_memory_bytes)
     return {
         "agents": agents, "max_tokens": max_tokens, "cache_memory_budget": budget_bytes,
         "turns": before + after,
         "median_ttft_turn1": cold, "median_ttft_turns2_3": warm, "median_ttft_after_restart": restarted,
         "warm_over_cold": warm / cold, "restart_over_cold": restarted / cold,
-        "seconds_to_ready_after_restart": ready,
-        "lookups_turns1_3": lookups_before, "lookups_after_restart": lookups_after,
-        "max_memory_tier_bytes": max(sampler.max_memory_bytes, sampler2.max_memory_bytes),
+        "seconds_to_ready_after_restart": again["ready"],
+        "lookups_turns1_3": first["lookups"], "lookups_after_restart": again["lookups"],
+        "max_memory_tier_bytes": max_memory,
         "largest_entry_bytes": entry_bytes,
-        "memory_within_budget_plus_one_entry":
-            max(sampler.max_memory_bytes, sampler2.max_memory_bytes) <= budget_bytes + entry_bytes,
-        "peak_rss_mb": max(sampler.peak_rss_mb, sampler2.peak_rss_mb),
+        "memory_within_budget_plus_one_entry": max_memory <= budget_bytes + entry_bytes,
+        "peak_rss_mb": max(first["sampler"].peak_rss_mb, again["sampler"].peak_rss_mb),
     }
+
+
+def _on_daemon(workdir: Path, env: dict, turns: range, histories: dict, systems: dict, max_tokens: int) -> dict:
+    """Start a daemon on workdir/cache, let every agent take `turns`, stop it with SIGTERM: the turns,
+    the largest memory entry, the lookup counters, the Sampler and the seconds to ready."""
+    port = servers.free_port()
+    cmd = servers.semcache_cmd(port, workdir / "cache")
+    with servers.running(cmd, "/health/ready", port, workdir / "semcache-agents.log", env) as (base, pid, ready):
+        with Sampler(base, pid) as sampler:
+            results = asyncio.run(agent_turns(base, len(systems), turns, histories, systems, max_tokens))
+            entry_bytes = asyncio.run(largest_entry(base))
+            counts = lookups(base)
+    return {"turns": results, "largest_entry": entry_bytes, "lookups": counts, "sampler": sampler, "ready": ready}
 
 
 def _size(text: str) -> int:
@@ -193,7 +198,7 @@ def miss_overhead(workdir: Path, runs: int, n: int, max_tokens: int) -> dict:
     for run in range(runs):
         for label in ("on", "off") if run % 2 == 0 else ("off", "on"):
             port = servers.free_port()
-            cmd = servers.semcache_cmd(port) + ["--cache-dir", str(workdir / f"miss-{label}-{run}")]
+            cmd = servers.semcache_cmd(port, workdir / f"miss-{label}-{run}")
             env = {"SEMCACHE_CACHE_ENABLED": "true" if label == "on" else "false"}
             with servers.running(cmd, "/health/ready", port, log, env) as (base, _, _):
                 result = asyncio.run(unique_burst(base, n, max_tokens, f"run{run}"))
@@ -206,14 +211,26 @@ def miss_overhead(workdir: Path, runs: int, n: int, max_tokens: int) -> dict:
 
 async def unique_burst(base: str, n: int, max_tokens: int, salt: str) -> float:
     """n concurrent requests whose ~150-token prompts differ from their first word: all misses."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+    async with client.session() as session:
         start = time.perf_counter()
         results = await asyncio.gather(*(client.stream_chat(
-            session, base, f"Request {salt}-{i}. " + system_prompt(i, sentences=8) + " " + PROMPTS[i % 16],
+            session, base, client.user(f"Request {salt}-{i}. " + system_prompt(i, sentences=8) + " " + PROMPTS[i % 16]),
             max_tokens) for i in range(n)))
         wall = time.perf_counter() - start
     assert all(r["status"] == 200 for r in results), [r["status"] for r in results]
     return sum(r["tokens"] for r in results) / wall
+
+
+def configure(parser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("perf-agents.json"))
+    parser.add_argument("--agents", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--budget", default="256MiB", help="cache_memory_budget (must not fit every agent)")
+    parser.add_argument("--runs", type=int, default=3, help="alternating runs of the miss-overhead test")
+
+
+def main(args) -> dict:
+    return run(args.out, agents=args.agents, max_tokens=args.max_tokens, budget=args.budget, runs=args.runs)
 
 
 def run(out: Path, agents: int = 12, max_tokens: int = 32, budget: str = "256MiB", runs: int = 3) -> dict:

@@ -1,8 +1,9 @@
-"""Load-generating client: streamed OpenAI chat requests with per-token timing, health probes."""
+"""Load-generating client: streamed OpenAI chat requests with per-chunk timing, bursts of them, health probes."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import aiohttp
@@ -13,43 +14,51 @@ from perf.common import PROMPTS, percentiles, sse_events
 MODEL_NAME = "default_model"
 
 
-async def stream_chat(session: aiohttp.ClientSession, base: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed chat completion at temperature 0; times of first and last token, token count."""
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+def session() -> aiohttp.ClientSession:
+    """A client session with no limit on connections and 15 minutes for a whole request."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=900))
+
+
+def user(content: str) -> list[dict]:
+    """The messages of a one-turn conversation."""
+    return [{"role": "user", "content": content}]
+
+
+async def stream_chat(session: aiohttp.ClientSession, base: str, messages: list[dict], max_tokens: int,
+                      headers: dict | None = None) -> dict:
+    """One streamed chat completion at temperature 0, timing every content chunk: time to the first
+    (ttft), gaps between them (inter-token latency), from the first to the last (decode_seconds);
+    the text and the usage it reports."""
+    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first = last = None
-    chunks = 0
-    tokens = None
-    async with session.post(f"{base}/v1/chat/completions", json=body) as r:
+    times, text, usage = [], [], {}
+    async with session.post(f"{base}/v1/chat/completions", json=body, headers=headers) as r:
         if r.status != 200:
-            await r.read()
-            return {"status": r.status, "total": time.perf_counter() - start}
+            error = (await r.text())[:500]
+            return {"status": r.status, "total": time.perf_counter() - start, "error": error}
         async for data in sse_events(r):
-            if data.get("usage"):
-                tokens = data["usage"]["completion_tokens"]
-            for choice in data.get("choices") or ():
-                if choice["delta"].get("content"):
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    chunks += 1
+            usage = data.get("usage") or usage
+            pieces = [c["delta"].get("content") for c in data.get("choices") or ()]
+            if any(pieces):
+                times.append(time.perf_counter())
+                text.extend(p for p in pieces if p)
     end = time.perf_counter()
-    tokens = tokens if tokens is not None else chunks
-    return {"status": 200, "ttft": (first or end) - start, "total": end - start, "tokens": tokens,
-            "decode_seconds": (last or end) - (first or end)}
+    first, last = (times[0], times[-1]) if times else (end, end)
+    return {"status": 200, "ttft": first - start, "total": end - start, "decode_seconds": last - first,
+            "gaps": [b - a for a, b in itertools.pairwise(times)], "text": "".join(text),
+            "tokens": usage.get("completion_tokens", len(times)), "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
 
 
 async def run_concurrent(base: str, n: int, max_tokens: int, probe_path: str | None = None, salt: str = "") -> dict:
     """n requests at once; aggregate output tok/s, latency percentiles, optional health probes every 20 ms."""
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=900)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with session() as http:
         probes: list[float] = []
         done = asyncio.Event()
-        prober = asyncio.create_task(_probe(session, base, probe_path, probes, done)) if probe_path else None
+        prober = asyncio.create_task(_probe(http, base, probe_path, probes, done)) if probe_path else None
         start = time.perf_counter()
-        results = await asyncio.gather(*(stream_chat(session, base, PROMPTS[i % len(PROMPTS)] + salt, max_tokens)
+        results = await asyncio.gather(*(stream_chat(http, base, user(PROMPTS[i % len(PROMPTS)] + salt), max_tokens)
                                          for i in range(n)))
         wall = time.perf_counter() - start
         done.set()
@@ -73,9 +82,9 @@ async def run_concurrent(base: str, n: int, max_tokens: int, probe_path: str | N
 
 async def run_sequential(base: str, n: int, max_tokens: int, salt: str = "") -> dict:
     """n requests one after another; aggregate output tok/s over the whole run."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+    async with session() as http:
         start = time.perf_counter()
-        results = [await stream_chat(session, base, PROMPTS[i % len(PROMPTS)] + salt, max_tokens) for i in range(n)]
+        results = [await stream_chat(http, base, user(PROMPTS[i % len(PROMPTS)] + salt), max_tokens) for i in range(n)]
         wall = time.perf_counter() - start
     single = results[0]
     return {

@@ -28,6 +28,15 @@ def greedy(batcher, seq_id: int, prompt: list[int], steps: int, prefix=None) -> 
     return out
 
 
+def configure(parser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("perf-quant.json"))
+    parser.add_argument("--prompts", type=int, default=10)
+
+
+def main(args) -> dict:
+    return run(args.out, prompts=args.prompts)
+
+
 def run(out: Path, prompts: int = 10, steps: int = 32) -> dict:
     import numpy as np
 

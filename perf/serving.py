@@ -1,4 +1,5 @@
-"""Serving benchmark (issue 2 §6): semcache vs a bare mlx-lm loop and, with --peer, mlx_lm.server.
+"""Serving benchmark: decode speed, throughput under concurrency and health latency of semcache,
+against a bare mlx-lm loop on the same weights and, with --peer, mlx_lm.server.
 
 Workloads alternate between targets within each round (ABAB...), `runs` rounds, and the report
 compares medians: ratios measured side by side, never one absolute time against another.
@@ -7,6 +8,7 @@ compares medians: ratios measured side by side, never one absolute time against 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -35,6 +37,17 @@ class BareLoop:
         for _token, _ in generate_step(mx.array(self.render(prompt)), self.loaded.model, max_tokens=max_tokens):
             times.append(time.perf_counter())
         return (len(times) - 1) / (times[-1] - times[0])
+
+
+def configure(parser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("perf-serving.json"))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server")
+
+
+def main(args) -> dict:
+    return run(args.out, runs=args.runs, max_tokens=args.max_tokens, peer=not args.no_peer)
 
 
 def run(out: Path, runs: int = 3, max_tokens: int = 64, peer: bool = True, workdir: Path | None = None) -> dict:
@@ -71,7 +84,7 @@ def run(out: Path, runs: int = 3, max_tokens: int = 64, peer: bool = True, workd
                 peer_ctx.__exit__(None, None, None)
     report["targets"] = {k: {kk: v for kk, v in t.items() if kk != "base"} for k, t in targets.items()}
     report["summary"] = compare(report)
-    out.write_text(__import__("json").dumps(report, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -87,8 +100,8 @@ def round_for(target: dict, max_tokens: int, salt: str) -> dict:
 
 
 def summary(r: dict) -> str:
-    return (f"single {r['sequential_4']['single_decode_tok_s']:.1f} tok/s, seq4 {r['sequential_4']['aggregate_tok_s']:.1f}"
-            f", c16 {r['concurrent_16']['aggregate_tok_s']:.1f} tok/s, health p99 "
+    return (f"single {r['sequential_4']['single_decode_tok_s']:.1f} tok/s, "
+            f"seq4 {r['sequential_4']['aggregate_tok_s']:.1f}, c16 {r['concurrent_16']['aggregate_tok_s']:.1f} tok/s, health p99 "
             f"{r['concurrent_16']['health_ms'].get('p99', float('nan')):.1f} ms")
 
 

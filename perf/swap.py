@@ -1,4 +1,4 @@
-"""Model hot-swap time on an idle daemon (issue 4 §5): POST /admin/model between the embedded GGUF
+"""Model hot-swap time on an idle daemon: POST /admin/model between the embedded GGUF
 and the same weights exported as an mlx-lm folder (a different fingerprint), `runs` times each way.
 """
 
@@ -29,6 +29,15 @@ def models(base: str) -> list[str]:
         return [m["id"] for m in json.loads(r.read())["data"]]
 
 
+def configure(parser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("perf-swap.json"))
+    parser.add_argument("--runs", type=int, default=3)
+
+
+def main(args) -> dict:
+    return run(args.out, runs=args.runs)
+
+
 def run(out: Path, runs: int = 3) -> dict:
     from semcache.engine.models import embedded_model_path
 
@@ -37,7 +46,7 @@ def run(out: Path, runs: int = 3) -> dict:
     with tempfile.TemporaryDirectory(prefix="semcache-perf-swap-") as tmp:
         folder = str(servers.export_embedded(Path(tmp) / "mlx-model"))
         port = servers.free_port()
-        cmd = servers.semcache_cmd(port) + ["--cache-dir", str(Path(tmp) / "cache")]
+        cmd = servers.semcache_cmd(port, Path(tmp) / "cache")
         env = {"SEMCACHE_ADMIN_KEY": ADMIN}
         with servers.running(cmd, "/health/ready", port, Path(tmp) / "swap.log", env) as (base, _, _):
             chat = {"model": "m", "max_tokens": 8, "temperature": 0,

@@ -1,4 +1,4 @@
-"""Constrained decoding cost (issue 6): what enforcing tool_choice costs per token on this CPU.
+"""Constrained decoding cost: what enforcing tool_choice costs per token on this CPU.
 
 1. Grammar libraries on the embedded tokenizer: compile time per request and mask time per token
    while walking a canonical tool call, for llguidance (what semcache uses) and, when installed,

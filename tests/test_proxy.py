@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from perf.faults import Daemon
+from perf.faults.daemon import Daemon
 from semcache.ops.config import Config
 from tests.conftest import free_port
 

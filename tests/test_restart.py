@@ -1,6 +1,6 @@
 """Crash and restart on the real embedded model: SIGKILL the daemon at seeded random moments of its
 cache writes, restart it on the same cache folder, and check that what survived is whole and answers
-exactly. The procedure (and the Daemon helper) is perf/faults.py's, which `python -m perf faults`
+exactly. The procedure (and the Daemon helper) is perf/faults/'s, which `python -m perf faults`
 runs 20 times; here 5 kills keep it to about two minutes.
 
 After every kill: the restart is ready; no temp file is left and nothing is quarantined (the write
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 
-from perf.faults import CrashRun
+from perf.faults.crash import CrashRun
 
 KILLS = 5
 SEED = 20261127
-AGENTS = 4  # of perf/faults.py's 6: fewer cold reference answers to compute
+AGENTS = 4  # of perf/faults/'s 6: fewer cold reference answers to compute
 
 
 @pytest.mark.slow
