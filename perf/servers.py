@@ -187,7 +187,7 @@ def export_embedded(dest: Path) -> Path:
     weights = dict(nn.utils.tree_flatten(loaded.model.parameters()))
     mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
     args = {k: v for k, v in vars(loaded.model.args).items() if v is not None}
-    args["max_position_embeddings"] = loaded.context_length
+    args["max_position_embeddings"] = loaded.info.context_length
     (dest / "config.json").write_text(json.dumps(args, indent=1))
     loaded.tokenizer.save_pretrained(str(dest))
     return dest
