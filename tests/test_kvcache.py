@@ -682,9 +682,12 @@ class TestRaces:
 
 
 def test_common_prefix():
-    """common_prefix counts equal leading tokens of two int arrays."""
+    """common_prefix counts equal leading tokens of two int arrays, or of two lists of ids."""
     a = np.array([1, 2, 3, 4], np.int32)
     assert common_prefix(a, np.array([1, 2, 9], np.int32)) == 2
     assert common_prefix(a, a[:2]) == 2
     assert common_prefix(a, np.array([], np.int32)) == 0
     assert common_prefix(a, np.array([5], np.int32)) == 0
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2, 3], [1, 7]) == 1
+    assert common_prefix([], [1]) == 0
