@@ -16,7 +16,6 @@ ANON = "anon-"
 
 @dataclass(frozen=True)
 class CacheLimits:
-    enabled: bool = True
     memory_budget: int = 2 << 30
     disk_budget: int = 20 << 30
     ttl: float = 7 * 86400.0
@@ -71,10 +70,6 @@ class Match:
 
     entry: Entry | None = None
     num_tokens: int = 0
-
-    @property
-    def resident(self) -> bool:
-        return self.entry is not None and (self.entry.data is not None or self.entry.pending is not None)
 
 
 MISS = Match()

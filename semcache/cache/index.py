@@ -59,7 +59,7 @@ class AgentCache(DiskTier):
     async def lock(self) -> None:
         """Take the cache directory (store.CacheDirLocked if another daemon has it). A directory that
         cannot be created or locked (read-only, I/O error) leaves the cache in memory only."""
-        if self.directory is not None and self.limits.enabled:
+        if self.directory is not None:
             try:
                 self._lock = await self._run(store.lock_dir, self.directory)
             except OSError as exc:
@@ -118,7 +118,7 @@ class AgentCache(DiskTier):
         """The entry sharing the longest token prefix with the prompt (at least one token is left
         to compute). The agent's own entries win ties; below `min_prefix` tokens it is a miss."""
         limit = len(prompt_ids) - 1
-        if not self.limits.enabled or limit < max(1, self.limits.min_prefix):
+        if limit < max(1, self.limits.min_prefix):
             return MISS
         best = MISS
         now = time.monotonic()
@@ -168,18 +168,11 @@ class AgentCache(DiskTier):
             entry.loading = self._spawn(self._read(entry))
         return entry.loading
 
-    async def load(self, entry: Entry) -> bool:
-        """Make `entry` resident, reading its file on the I/O thread; False if it is gone or bad."""
-        loading = self.fetch(entry)
-        if loading is not None:
-            return await asyncio.shield(loading)
-        return not entry.removed
-
     # Storing ---------------------------------------------------------------------------------
 
     def put(self, tenant: str, agent: str | None, token_ids: list[int], data: KVData) -> Entry | None:
         """Store a finished sequence's KV for its agent, replacing the agent's entries it extends."""
-        if not self.limits.enabled or data.num_tokens == 0:
+        if data.num_tokens == 0:
             return None
         tokens = np.asarray(token_ids[: data.num_tokens], dtype=np.int32)
         now = self.clock()
