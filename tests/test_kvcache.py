@@ -11,6 +11,7 @@ import pytest
 from semcache.cache import entryfile as store
 from semcache.cache.index import ANON, MISS, AgentCache, CacheLimits, common_prefix
 from semcache.cache.kvdata import KVData
+from semcache.ops.config import Config
 from tests.conftest import fake_kv
 
 T, OTHER = "tenant-a", "tenant-b"
@@ -693,3 +694,10 @@ def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 7]) == 1
     assert common_prefix([], [1]) == 0
 
+
+def test_limits_from_config():
+    """CacheLimits.from_config takes the cache_* keys; the defaults agree with Config's."""
+    assert CacheLimits.from_config(Config()) == CacheLimits()
+    config = Config(cache_memory_budget=1, cache_disk_budget=2, cache_ttl=3.0, cache_min_prefix=4,
+                    cache_disk_encoding="int8", cache_write_through=False)
+    assert CacheLimits.from_config(config) == CacheLimits(1, 2, 3.0, 4, "int8", False)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from semcache.cache.kvdata import KVData
+
+if TYPE_CHECKING:
+    from semcache.ops.config import Config
 
 ANON = "anon-"
 
@@ -22,6 +25,18 @@ class CacheLimits:
     min_prefix: int = 64
     encoding: str = "native"  # on disk: native (lossless), int8, int4
     write_through: bool = True  # write every new entry soon, so a crash loses little
+
+    @classmethod
+    def from_config(cls, config: Config) -> CacheLimits:
+        """The limits a daemon's configuration sets (its cache_* keys)."""
+        return cls(
+            memory_budget=config.cache_memory_budget,
+            disk_budget=config.cache_disk_budget,
+            ttl=config.cache_ttl,
+            min_prefix=config.cache_min_prefix,
+            encoding=config.cache_disk_encoding,
+            write_through=config.cache_write_through,
+        )
 
 
 @dataclass(eq=False)
