@@ -1,4 +1,4 @@
-"""The agent cache (kvcache.py): lookup, storing, budgets, expiry, restart and corruption, on a real directory."""
+"""The agent cache (cache/index.py and its disk tier): lookup, storing, budgets, expiry, restart and corruption, on a real directory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The agent cache's data: limits, entries, lookup answers; plain values shared by its halves."""
+"""The agent cache's values: limits, entries, lookup answers, shared by the index and the disk tier."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) 
     return int(diff[0]) if diff.size else n
 
 
-def _preferred(entry: Entry, other: Entry | None) -> bool:
+def preferred(entry: Entry, other: Entry | None) -> bool:
     """Resident beats on-disk; then the more recently used."""
     if other is None:
         return True
