@@ -233,7 +233,7 @@ class TestDamagedWhileRunning:
 
 class DiskFaults:
     """Makes the agent cache's file I/O fail as a full or failing disk does. Tests run as root, so
-    file modes would not stop a write: the OS calls store.py makes are patched instead, failing only
+    file modes would not stop a write: the OS calls entryfile.py makes are patched instead, failing only
     on the cache's I/O thread and only for files under entries/. `attempts` counts calls that failed.
 
     Points: create (the temp file), write (half of the data lands, then the error), fsync (the file),

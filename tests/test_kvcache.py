@@ -1,4 +1,4 @@
-"""The agent cache (kvcache.py): lookup, storing, budgets, expiry, restart and corruption, on a real directory."""
+"""The agent cache (cache/index.py and its disk tier): lookup, storing, budgets, expiry, restart and corruption, on a real directory."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from semcache.cache import entryfile as store
 from semcache.cache.index import ANON, MISS, AgentCache, CacheLimits, common_prefix
 from semcache.cache.kvdata import KVData
+from semcache.ops.config import Config
 from tests.conftest import fake_kv
 
 T, OTHER = "tenant-a", "tenant-b"
@@ -41,6 +42,16 @@ def seq(n: int, start: int = 1000) -> list[int]:
 def check(cache: AgentCache) -> None:
     cache.check_integrity()
     assert cache.memory_bytes <= cache.limits.memory_budget + ENTRY_BYTES
+
+
+async def load(cache: AgentCache, entry) -> bool:
+    """Make `entry` resident through fetch, as the scheduler does; False if it is gone or its file bad."""
+    loading = cache.fetch(entry)
+    return await loading if loading is not None else not entry.removed
+
+
+def resident(match) -> bool:
+    return match.entry is not None and (match.entry.data is not None or match.entry.pending is not None)
 
 
 async def settle(cache: AgentCache) -> None:
@@ -128,7 +139,7 @@ class TestAgentCache:
         assert shorter.entry is entry and shorter.num_tokens == 5
         hit = entry.data.prefix(longer.num_tokens)
         assert hit.layers[0][1][0, 0, :, 0].astype(int).tolist() == seq(10)
-        assert longer.resident
+        assert resident(longer)
         check(cache)
 
     async def test_diverging_prompt_is_trimmed_to_the_common_prefix(self, h):
@@ -291,15 +302,6 @@ class TestAgentCache:
         assert entry.num_tokens == 10 and entry.tokens.tolist() == seq(10)
         check(cache)
 
-    async def test_disabled_cache_stores_nothing(self, h):
-        """with enabled=False put returns None, lookups miss and no directory is taken."""
-        limits = CacheLimits(enabled=False, min_prefix=4)
-        cache = await h.open(limits)
-        assert cache.put(T, "agent-1", seq(20), fake_kv(seq(20))) is None
-        assert cache.lookup(T, "agent-1", seq(20)) is MISS
-        assert not h.directory.exists()
-        check(cache)
-
     # Memory budget ---------------------------------------------------------------------------
 
     async def test_memory_budget_spills_least_recently_used(self, h):
@@ -319,7 +321,7 @@ class TestAgentCache:
         assert samples(cache, "semcache_cache_evictions_total", tier="memory", reason="budget") == 2
         # a spilled entry is still found, though not resident
         match = cache.lookup(T, "agent-0", seq(ENTRY_TOKENS, 1000))
-        assert match.entry is entries[0] and not match.resident
+        assert match.entry is entries[0] and not resident(match)
 
     async def test_use_order_decides_what_spills(self, h):
         """a recently used (recorded) entry survives; the least recently used one spills."""
@@ -350,7 +352,7 @@ class TestAgentCache:
         await settle(cache)
 
     async def test_spilled_entry_loads_back_identical(self, h):
-        """load() reads a spilled entry's file back: resident again, arrays equal the original."""
+        """fetch reads a spilled entry's file back: resident again, arrays equal the original."""
         limits = CacheLimits(memory_budget=int(2.5 * ENTRY_BYTES), ttl=1000.0, min_prefix=4)
         cache = await h.open(limits)
         originals, entries = [], []
@@ -362,11 +364,11 @@ class TestAgentCache:
         await settle(cache)
         first = cache.lookup(T, "agent-0", seq(ENTRY_TOKENS, 1000) + [7]).entry
         assert first is entries[0] and first.tier == "disk"
-        assert await cache.load(first)
+        assert await load(cache, first)
         check(cache)
         assert first.tier == "memory" and same_data(first.data, originals[0])
         assert entries[2].tier == "disk"  # the least recently used resident one made room
-        assert await cache.load(first)  # already resident: True at once
+        assert await load(cache, first)  # already resident: True at once
         await settle(cache)
 
     async def test_fetch_takes_back_an_entry_still_being_written(self, h):
@@ -378,7 +380,7 @@ class TestAgentCache:
         b = cache.put(T, "agent-b", seq(ENTRY_TOKENS, 2000), fake_kv(seq(ENTRY_TOKENS, 2000)))
         check(cache)
         assert a.pending is not None and cache.writing_bytes == ENTRY_BYTES
-        assert cache.lookup(T, "agent-a", seq(ENTRY_TOKENS, 1000)).resident
+        assert resident(cache.lookup(T, "agent-a", seq(ENTRY_TOKENS, 1000)))
         assert cache.fetch(a) is None
         check(cache)
         assert a.tier == "memory" and a.pending is None
@@ -487,7 +489,7 @@ class TestAgentCache:
         assert evicted == [entry] and entry.tier == "disk" and entry.path.exists()
         assert keep.tier == "memory" and cache.memory_bytes == keep.data.nbytes
         assert samples(cache, "semcache_cache_evictions_total", tier="memory", reason="request") == 1
-        assert await cache.load(entry)
+        assert await load(cache, entry)
         check(cache)
         assert same_data(entry.data, fake_kv(seq(20)))
         await settle(cache)
@@ -507,7 +509,7 @@ class TestAgentCache:
         for i, (agent, data) in enumerate(originals.items()):
             match = cache.lookup(T, agent, seq(25, 1000 * (i + 1)))
             assert match.num_tokens == 20 and match.entry.agent == agent and match.entry.named
-            assert await cache.load(match.entry)
+            assert await load(cache, match.entry)
             check(cache)
             assert same_data(match.entry.data, data)
         again = cache.lookup(T, None, seq(21, 9000)).entry
@@ -537,7 +539,7 @@ class TestAgentCache:
         cache = await h.reopen(cache, "fp-A")
         assert cache.foreign == {} and len(cache.entries) == 2
         match = cache.lookup(T, "agent-1", seq(25))
-        assert match.num_tokens == 20 and await cache.load(match.entry)
+        assert match.num_tokens == 20 and await load(cache, match.entry)
         check(cache)
 
     async def test_foreign_files_go_first_past_the_disk_budget(self, h, tmp_path):
@@ -580,7 +582,7 @@ class TestAgentCache:
         match = cache.lookup(T, "agent-1", seq(25))
         assert match.num_tokens == 20 and match.entry.tier == "disk"
         before = samples(cache, "semcache_cache_quarantined_total")
-        assert await cache.load(match.entry) is False
+        assert await load(cache, match.entry) is False
         check(cache)
         assert match.entry.removed and cache.entries == {} and cache.disk_bytes == 0
         assert cache.lookup(T, "agent-1", seq(25)) is MISS
@@ -610,7 +612,7 @@ class TestAgentCache:
         cache = await h.open()
         entry = cache.entries[a.key]
         os.replace(b.path, a.path)
-        assert await cache.load(entry) is False
+        assert await load(cache, entry) is False
         check(cache)
         assert a.path.name in files(h.directory, "quarantine")
 
@@ -638,7 +640,7 @@ class TestAgentCache:
         cache = await h.reopen(cache)
         assert [e.key for e in cache.entries.values()] == [entry.key]
         restored = cache.entries[entry.key]
-        assert restored.tier == "disk" and await cache.load(restored)
+        assert restored.tier == "disk" and await load(cache, restored)
         assert same_data(restored.data, fake_kv(seq(20)))
         check(cache)
 
@@ -682,9 +684,20 @@ class TestRaces:
 
 
 def test_common_prefix():
-    """common_prefix counts equal leading tokens of two int arrays."""
+    """common_prefix counts equal leading tokens of two int arrays, or of two lists of ids."""
     a = np.array([1, 2, 3, 4], np.int32)
     assert common_prefix(a, np.array([1, 2, 9], np.int32)) == 2
     assert common_prefix(a, a[:2]) == 2
     assert common_prefix(a, np.array([], np.int32)) == 0
     assert common_prefix(a, np.array([5], np.int32)) == 0
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2, 3], [1, 7]) == 1
+    assert common_prefix([], [1]) == 0
+
+
+def test_limits_from_config():
+    """CacheLimits.from_config takes the cache_* keys; the defaults agree with Config's."""
+    assert CacheLimits.from_config(Config()) == CacheLimits()
+    config = Config(cache_memory_budget=1, cache_disk_budget=2, cache_ttl=3.0, cache_min_prefix=4,
+                    cache_disk_encoding="int8", cache_write_through=False)
+    assert CacheLimits.from_config(config) == CacheLimits(1, 2, 3.0, 4, "int8", False)

@@ -1,4 +1,4 @@
-"""The disk tier (store.py) and the KV encodings written to it (kvdata.py)."""
+"""The entry file format (entryfile.py) and the KV encodings written in it (kvdata.py)."""
 
 from __future__ import annotations
 

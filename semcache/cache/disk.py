@@ -1,41 +1,37 @@
-"""The agent cache's disk half: writing, reading, quarantining and budgeting entry files.
+"""The disk tier: the cache directory, which entries have a file there, other models' files, and
+their bytes within the disk budget.
 
-A mixin of AgentCache (it uses the cache's index and counters); all file work runs on the cache's
-one I/O thread through `_run`, and every background task is owned through `_spawn`.
+It owns the files and the Entry fields about them (path, file_bytes, dirty, pending, writing,
+loading, retry_at, superseded); the index (index.py) owns the entries and what is in memory, and is
+called back through `attach` (a read brought an entry's data back) and `drop` (an entry's data is
+lost). Files are in the entry file format (entryfile.py), handled on the I/O thread (iothread.py);
+writes and the data of spilled entries go through the writing tier (writer.py).
 
-Faults: a file that does not parse or fails its hash is quarantined (it will never be good). An
-I/O error (OSError) says nothing about the file: it is counted in semcache_cache_disk_errors_total,
-the request runs cold, and the file is left alone. After a failed write (disk full...), write-through
-pauses for `write_pause` seconds rather than retry at every request; what it skipped is written when
-writes resume. An entry whose file could not be read is passed over by lookups for `read_retry` s.
+Faults: a file that does not parse or fails its hash is quarantined (it will never be good); an
+I/O error says nothing about the file: it is counted, the request runs cold, the file stays.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from prometheus_async.aio import time as timed
 
 from semcache.cache import entryfile as store
-from semcache.cache.entry import Entry
+from semcache.cache.entry import CacheLimits, Entry
+from semcache.cache.iothread import IOThread
 from semcache.cache.kvdata import KVData
+from semcache.cache.writer import Writer
+from semcache.ops.metrics import Metrics
 
 log = logging.getLogger("semcache.cache")
 
-WRITE_PAUSE = 30.0  # seconds without write-through after a failed write
 READ_RETRY = 30.0  # seconds lookups pass over an entry whose file could not be read
-# errno names kept as metric labels (anything else is "other": the label set stays small)
-_ERRNO_LABELS = frozenset({"ENOSPC", "EDQUOT", "EIO", "EROFS", "EACCES", "EPERM", "ENOENT", "EMFILE", "ENFILE"})
-
-
-def errno_label(exc: BaseException) -> str:
-    name = errno.errorcode.get(getattr(exc, "errno", None) or 0, "")
-    return name if name in _ERRNO_LABELS else "other"
 
 
 def _read_entry(path: Path) -> tuple[store.EntryMeta, np.ndarray, KVData]:
@@ -44,127 +40,199 @@ def _read_entry(path: Path) -> tuple[store.EntryMeta, np.ndarray, KVData]:
     return meta, tokens, data
 
 
-def _write_entry(directory: Path, meta: store.EntryMeta, tokens: np.ndarray, data: KVData) -> store.StoredFile:
-    return store.write(directory, meta, data.to_tensors(tokens, meta.encoding))
-
-
 class DiskTier:
-    """File operations of AgentCache; not usable on its own."""
+    def __init__(self, directory: Path | None, limits: CacheLimits, metrics: Metrics,
+                 attach: Callable[[Entry, KVData], Any], drop: Callable[[Entry, str], Any]):
+        self.directory, self.limits, self.metrics = directory, limits, metrics
+        self._attach, self._drop = attach, drop
+        self.fingerprint = ""
+        self.stored: dict[str, Entry] = {}  # this model's entries that have a file, by key
+        self.foreign: dict[str, store.StoredFile] = {}  # other models' files: counted, never served
+        self.bytes = 0  # of all those files, and of the replaced files not deleted yet
+        self.read_retry = READ_RETRY  # seconds
+        self._lock: Any = None
+        self._update_gauges()
+        self.io = IOThread(metrics)
+        self.writer = Writer(self.io, metrics, limits.encoding, self._meta, self._written, drop)
 
-    def _enforce_disk(self) -> None:
-        while self.disk_bytes > self.limits.disk_budget:
-            ours = [e for e in self.entries.values() if e.path is not None]
-            oldest = min(ours, key=lambda e: e.last_use, default=None)
+    # Lifecycle -------------------------------------------------------------------------------
+
+    async def lock(self) -> None:
+        """Take the directory (store.CacheDirLocked if another daemon has it). One that cannot be
+        created or locked (read-only, I/O error) leaves the cache in memory only."""
+        if self.directory is None:
+            return
+        try:
+            self._lock = await self.io.run(store.lock_dir, self.directory)
+        except OSError as exc:
+            self.io.error("write", exc)
+            log.error("agent cache directory %s is unusable (%s): caching in memory only", self.directory, exc)
+            return
+        self.writer.directory = self.directory
+
+    async def open(self, fingerprint: str) -> tuple[list[Entry], int, int] | None:
+        """Index the files from their headers (no arrays): (this model's entries, files quarantined,
+        files left unread after an I/O error); None if no directory is held."""
+        self.fingerprint = fingerprint
+        if self._lock is None:
+            return None
+        try:
+            files, bad, failed = await self.io.run(store.scan, self.directory)
+        except OSError as exc:  # the folder cannot be listed: start cold, files stay for a later start
+            self.io.error("read", exc)
+            log.error("cannot list the agent cache folder %s: %s; starting without its entries", self.directory, exc)
+            files, bad, failed = [], [], []
+        for path in bad:
+            await self._quarantine(path)
+        for path, exc in failed:  # left in place, not indexed: a later start tries again
+            self.io.error("read", exc)
+            log.warning("cannot read cache file %s (%s); not indexed", path, exc)
+        for f in files:
+            self.bytes += f.size
+            self.foreign[f.meta.key] = f
+        return self._adopt(fingerprint), len(bad), len(failed)
+
+    async def flush(self, entries: Iterable[Entry]) -> None:
+        """Write those of `entries` not on disk yet, and wait until no file work is in flight."""
+        self.writer.write_dirty(entries)
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait until no file work (writes, reads, removals) is in flight."""
+        await self.io.settle()
+
+    async def close(self, entries: Iterable[Entry]) -> None:
+        """Flush `entries`, release the directory, stop the I/O thread."""
+        await self.flush(entries)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = self.writer.directory = None
+        self.io.shutdown()
+
+    def switch(self, fingerprint: str, entries: Iterable[Entry]) -> list[Entry]:
+        """Another model: the files of `entries` become other-model files, kept under the old
+        fingerprint; returns the new model's entries, made from its files."""
+        for entry in entries:
+            if entry.path is not None:  # its bytes stay counted: the file is now a foreign one
+                meta = self._meta(entry, "native")
+                self.foreign[entry.key] = store.StoredFile(entry.path, meta, entry.file_bytes, entry.tokens)
+                self._unstore(entry)
+        return self._adopt(fingerprint)
+
+    def _adopt(self, fingerprint: str) -> list[Entry]:
+        """Entries for the other-model files of `fingerprint`, which becomes this tier's model."""
+        self.fingerprint = fingerprint
+        ours = []
+        for key in [k for k, f in self.foreign.items() if f.meta.fingerprint == fingerprint]:
+            f = self.foreign.pop(key)
+            m = f.meta
+            ours.append(Entry(m.key, m.tenant, m.agent, m.named, f.tokens, m.dtype, m.created, m.last_use,
+                              path=f.path, file_bytes=f.size))
+            self.stored[m.key] = ours[-1]
+        self._update_gauges()
+        return ours
+
+    # Entries ---------------------------------------------------------------------------------
+
+    def touch(self, entry: Entry) -> None:
+        """Record a use in the entry's file (its mtime), if it has one."""
+        if entry.path is not None:
+            self.io.background(store.touch, entry.path, entry.last_use, op="write")
+
+    def spill(self, entry: Entry, data: KVData) -> bool:
+        """The data of an entry leaving memory: kept until written if the entry is not on disk yet.
+        False if the entry has no file and gets none (no directory, or writes paused): it is lost."""
+        return self.writer.spill(entry, data) or entry.path is not None
+
+    def take_back(self, entry: Entry) -> KVData:
+        """The data of a spilled entry whose file is not written yet: it goes back to memory."""
+        return self.writer.release(entry)
+
+    def write_through(self, entry: Entry, entries: Iterable[Entry]) -> None:
+        """Write a new entry now (see Writer.write_through)."""
+        self.writer.write_through(entry, entries)
+
+    def read(self, entry: Entry) -> asyncio.Future:
+        """Read the entry's file (one read at a time); True once `attach` has its data, False if the
+        entry is gone or its file unusable."""
+        if entry.loading is None:
+            entry.loading = self.io.spawn(self._read(entry))
+        return entry.loading
+
+    def hand_over(self, old: Entry, new: Entry) -> None:
+        """`new` replaces `old`: old's file (unless being written) and the files old replaced are
+        deleted once `new` is on disk, not before."""
+        if old.path is not None and old.writing is None:
+            new.superseded.append((old.path, old.file_bytes))
+            self._unstore(old)
+        new.superseded += old.superseded
+        old.superseded = []
+
+    def forget(self, entry: Entry) -> list[asyncio.Task]:
+        """The index dropped the entry: release its held data, delete its files; returns the removals."""
+        tasks = self._drop_superseded(entry)
+        self.writer.release(entry)
+        if entry.path is not None:
+            self.bytes -= entry.file_bytes
+            tasks.append(self.io.background(store.remove, entry.path))
+            self._unstore(entry)
+        self._update_gauges()
+        return tasks
+
+    def drop_foreign(self, which: Callable[[store.StoredFile], bool]) -> list[asyncio.Task]:
+        """Delete the other models' files `which` picks; returns the removals, one a file."""
+        return [self._drop_foreign(k) for k in [k for k, f in self.foreign.items() if which(f)]]
+
+    def enforce_budget(self) -> None:
+        """Delete the least recently used files past the disk budget (an entry only on disk goes too)."""
+        while self.bytes > self.limits.disk_budget:
+            oldest = min(self.stored.values(), key=lambda e: e.last_use, default=None)
             other = min(self.foreign.values(), key=lambda f: f.meta.last_use, default=None)
             if other is not None and (oldest is None or other.meta.last_use < oldest.last_use):
-                self._drop_foreign(other.meta.key, "budget")
+                self._drop_foreign(other.meta.key)
             elif oldest is None:
                 return
             elif oldest.data is None and oldest.pending is None:
-                self._remove(oldest, "budget")
+                self._drop(oldest, "budget")
             else:  # resident: it keeps living in memory, to be written again if spilled
-                self.disk_bytes -= oldest.file_bytes
-                self._background(store.remove, oldest.path)
-                oldest.path, oldest.file_bytes, oldest.dirty = None, 0, True
+                self.bytes -= oldest.file_bytes
+                self.io.background(store.remove, oldest.path)
+                self._unstore(oldest)
+                oldest.file_bytes, oldest.dirty = 0, True
             self.metrics.cache_evictions.labels("disk", "budget").inc()
         self._update_gauges()
 
-    def _drop_foreign(self, key: str, reason: str) -> asyncio.Task:
+    def _written(self, entry: Entry, stored: store.StoredFile) -> None:
+        entry.path, entry.file_bytes, entry.dirty = stored.path, stored.size, False
+        self.stored[entry.key] = entry
+        self.bytes += stored.size
+        self._drop_superseded(entry)
+        self.enforce_budget()
+
+    def _unstore(self, entry: Entry) -> None:
+        """The entry no longer owns its file (its bytes are the caller's to settle)."""
+        del self.stored[entry.key]
+        entry.path = None
+
+    def _drop_foreign(self, key: str) -> asyncio.Task:
         f = self.foreign.pop(key)
-        self.disk_bytes -= f.size
+        self.bytes -= f.size
         self._update_gauges()
-        return self._background(store.remove, f.path)
+        return self.io.background(store.remove, f.path)
 
     def _drop_superseded(self, entry: Entry) -> list[asyncio.Task]:
         tasks = []
         for path, size in entry.superseded:
-            self.disk_bytes -= size
-            tasks.append(self._background(store.remove, path))
+            self.bytes -= size
+            tasks.append(self.io.background(store.remove, path))
         entry.superseded = []
         return tasks
-
-    def _remove(self, entry: Entry, reason: str) -> list[asyncio.Task]:
-        """Forget the entry; returns the file removals it started."""
-        if entry.removed:
-            return []
-        entry.removed = True
-        superseded = self._drop_superseded(entry)
-        del self.entries[entry.key]
-        self._tries[entry.tenant].remove(entry.tokens.tolist(), entry.key)
-        self._pools[(entry.tenant, entry.agent if entry.named else None)].discard(entry.key)
-        if entry.data is not None:
-            self.memory_bytes -= entry.data.nbytes
-        if entry.pending is not None:
-            self.writing_bytes -= entry.pending.nbytes
-        entry.data = entry.pending = None
-        self._update_gauges()
-        if entry.path is None:
-            return superseded
-        self.disk_bytes -= entry.file_bytes
-        path, entry.path = entry.path, None
-        self._update_gauges()
-        return superseded + [self._background(store.remove, path)]
-
-    def _schedule_write(self, entry: Entry) -> None:
-        if entry.writing is None:
-            entry.writing = self._spawn(self._write(entry))
-
-    def _writable(self) -> bool:
-        """A disk tier that is not pausing after a failed write."""
-        return self._lock is not None and time.monotonic() >= self._writes_paused_until
-
-    def _write_through(self, entry: Entry) -> None:
-        """Write a new entry now, unless writes are paused; on resuming, also those the pause skipped."""
-        if not self._writable():
-            self._skipped_writes = self._lock is not None
-            return
-        if self._skipped_writes:
-            self._skipped_writes = False
-            for other in self.entries.values():
-                if other.dirty and other.data is not None:
-                    self._schedule_write(other)
-        self._schedule_write(entry)
-
-    async def _write(self, entry: Entry) -> None:
-        data = entry.data if entry.data is not None else entry.pending
-        meta = self._meta(entry, self.limits.encoding if data.quantizable else "native")
-        try:
-            stored = await timed(self.metrics.cache_disk_write_seconds,
-                                 self._run(_write_entry, self.directory, meta, entry.tokens, data))
-        except Exception as exc:  # disk full, I/O error...: the entry lives on in memory, or is dropped
-            self._write_failed(entry, exc)
-            if entry.pending is not None:
-                self._remove(entry, "write_error")
-            return
-        finally:
-            entry.writing = None
-        if entry.removed:  # deleted while it was being written
-            await self._background(store.remove, stored.path)
-            return
-        entry.path, entry.file_bytes, entry.dirty = stored.path, stored.size, False
-        self.disk_bytes += stored.size
-        self._drop_superseded(entry)
-        if entry.pending is not None:
-            self.writing_bytes -= entry.pending.nbytes
-            entry.pending = None
-        self._enforce_disk()
-        self._update_gauges()
-
-    def _write_failed(self, entry: Entry, exc: Exception) -> None:
-        """Count the failure; an OSError (ENOSPC, EIO...) pauses writes instead of retrying each turn."""
-        self._disk_error("write", exc)
-        if not isinstance(exc, OSError):
-            log.error("cannot write cache entry %s for %s: %s", entry.key, entry.agent, exc)
-            return
-        was_writable = self._writable()
-        self._writes_paused_until = time.monotonic() + self.write_pause
-        (log.error if was_writable else log.warning)(
-            "cannot write cache entry %s for %s: %s; cache writes paused for %.0f s",
-            entry.key, entry.agent, exc, self.write_pause)
 
     def _meta(self, entry: Entry, encoding: str) -> store.EntryMeta:
         return store.EntryMeta(entry.key, self.fingerprint, entry.tenant, entry.agent, entry.named,
                                entry.num_tokens, entry.dtype, encoding, entry.created, entry.last_use)
+
+    # Reading ---------------------------------------------------------------------------------
 
     async def _read(self, entry: Entry) -> bool:
         try:
@@ -172,7 +240,7 @@ class DiskTier:
             if entry.removed or path is None:  # removed before the read started
                 return False
             try:
-                meta, tokens, data = await timed(self.metrics.cache_disk_read_seconds, self._run(_read_entry, path))
+                meta, tokens, data = await timed(self.metrics.cache_disk_read_seconds, self.io.run(_read_entry, path))
                 if meta.key != entry.key or meta.fingerprint != self.fingerprint or not np.array_equal(
                         tokens, entry.tokens):
                     raise store.CorruptEntry("metadata does not match the index")
@@ -191,15 +259,15 @@ class DiskTier:
         """A bad file is quarantined; a vanished one forgotten; an I/O error leaves the file alone
         and makes lookups pass the entry over for a while (the request runs cold: a miss)."""
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            self._disk_error("read", exc)
+            self.io.error("read", exc)
             log.warning("cannot read cache file %s (%s); a miss, retried after %.0f s", path, exc, self.read_retry)
             entry.retry_at = time.monotonic() + self.read_retry
             return
-        entry.path = None
-        self.disk_bytes -= entry.file_bytes
-        self._remove(entry, "corrupt")
+        self._unstore(entry)
+        self.bytes -= entry.file_bytes
+        self._drop(entry, "corrupt")
         if isinstance(exc, FileNotFoundError):
-            self._disk_error("read", exc)
+            self.io.error("read", exc)
             log.warning("cache file %s is gone; its entry is dropped", path)
         else:
             log.warning("cache file %s is unusable (%s); moved to quarantine", path, exc)
@@ -207,32 +275,22 @@ class DiskTier:
 
     async def _quarantine(self, path: Path) -> None:
         try:
-            await self._run(store.quarantine, self.directory, path)
+            await self.io.run(store.quarantine, self.directory, path)
         except OSError as exc:  # left in place (and out of the index): retried at the next start
-            self._disk_error("remove", exc)
+            self.io.error("remove", exc)
             log.error("cannot move %s to quarantine: %s", path, exc)
             return
         self.metrics.cache_quarantined.inc()
 
-    def _disk_error(self, op: str, exc: BaseException) -> None:
-        self.metrics.cache_disk_errors.labels(op, errno_label(exc)).inc()
+    def _update_gauges(self) -> None:
+        """Set the disk gauges now (after every change, so a scrape never computes them)."""
+        self.metrics.cache_bytes.labels("disk").set(self.bytes)
+        self.metrics.cache_entries.labels("disk").set(len(self.stored) + len(self.foreign))
 
-    def _background(self, fn, *args) -> asyncio.Task:
-        """Run a file removal or touch on the I/O thread; an I/O error is counted and logged, not raised."""
-        async def run() -> None:
-            try:
-                await self._run(fn, *args)
-            except OSError as exc:
-                self._disk_error("write" if fn is store.touch else "remove", exc)
-                log.warning("cache file operation %s%s failed: %s", fn.__name__, args, exc)
-
-        return self._spawn(run())
-
-    def _run(self, fn, *args) -> asyncio.Future:
-        return asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
-
-    def _spawn(self, awaitable) -> asyncio.Task:
-        task = asyncio.ensure_future(awaitable)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def check_integrity(self, live: list[Entry]) -> None:
+        """Assert the disk and writing accounting against the index's entries."""
+        self.writer.check_integrity(live)
+        assert set(self.stored) == {e.key for e in live if e.path is not None}, "stored files out of step"
+        on_disk = sum(e.file_bytes for e in live if e.path is not None) + sum(f.size for f in self.foreign.values())
+        on_disk += sum(size for e in live for _, size in e.superseded)
+        assert self.bytes == on_disk, "disk bytes drifted"

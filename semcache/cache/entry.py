@@ -1,28 +1,42 @@
-"""The agent cache's data: limits, entries, lookup answers; plain values shared by its halves."""
+"""The agent cache's values: limits, entries, lookup answers, shared by the index and the disk tier."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from semcache.cache.kvdata import KVData
+
+if TYPE_CHECKING:
+    from semcache.ops.config import Config
 
 ANON = "anon-"
 
 
 @dataclass(frozen=True)
 class CacheLimits:
-    enabled: bool = True
     memory_budget: int = 2 << 30
     disk_budget: int = 20 << 30
     ttl: float = 7 * 86400.0
     min_prefix: int = 64
     encoding: str = "native"  # on disk: native (lossless), int8, int4
     write_through: bool = True  # write every new entry soon, so a crash loses little
+
+    @classmethod
+    def from_config(cls, config: Config) -> CacheLimits:
+        """The limits a daemon's configuration sets (its cache_* keys)."""
+        return cls(
+            memory_budget=config.cache_memory_budget,
+            disk_budget=config.cache_disk_budget,
+            ttl=config.cache_ttl,
+            min_prefix=config.cache_min_prefix,
+            encoding=config.cache_disk_encoding,
+            write_through=config.cache_write_through,
+        )
 
 
 @dataclass(eq=False)
@@ -72,21 +86,18 @@ class Match:
     entry: Entry | None = None
     num_tokens: int = 0
 
-    @property
-    def resident(self) -> bool:
-        return self.entry is not None and (self.entry.data is not None or self.entry.pending is not None)
-
 
 MISS = Match()
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
+    """Number of leading tokens that a and b share (lists of ids or int arrays)."""
     n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if diff.size else n
 
 
-def _preferred(entry: Entry, other: Entry | None) -> bool:
+def preferred(entry: Entry, other: Entry | None) -> bool:
     """Resident beats on-disk; then the more recently used."""
     if other is None:
         return True

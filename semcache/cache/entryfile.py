@@ -1,4 +1,5 @@
-"""The disk tier: one safetensors file per agent cache entry. Synchronous; runs on the I/O thread.
+"""The entry file format: one safetensors file per agent cache entry. Synchronous (the disk tier
+runs it on its I/O thread).
 
 A file is a plain safetensors file (any safetensors reader opens it): the token ids, each layer's
 keys and values, and string metadata (format version, model fingerprint, content hash, dtype,
@@ -32,6 +33,10 @@ _MAX_HEADER = 16 << 20
 
 class CorruptEntry(ValueError):
     """A file that does not parse, or whose content hash does not match."""
+
+
+class NotSafetensors(CorruptEntry):
+    """The header length is missing or larger than the file: not safetensors, or a file cut short."""
 
 
 class CacheDirLocked(RuntimeError):
@@ -171,50 +176,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _read_header(f: BinaryIO, size: int) -> tuple[dict, int]:
+def read_header(f: BinaryIO, size: int, limit: int = _MAX_HEADER) -> tuple[dict, int]:
+    """A safetensors file's JSON header (at most `limit` bytes) and the offset where its data starts,
+    read from the start of `f`, a file of `size` bytes; CorruptEntry if it does not parse or fit."""
     raw = f.read(8)
     if len(raw) < 8:
-        raise CorruptEntry("file is shorter than a safetensors header")
+        raise NotSafetensors("file is shorter than a safetensors header")
     (length,) = struct.unpack("<Q", raw)
-    if length > min(_MAX_HEADER, size - 8):
-        raise CorruptEntry(f"header length {length} does not fit the file")
+    if length > min(limit, size - 8):
+        raise NotSafetensors(f"header length {length} does not fit the file")
     try:
         header = json.loads(f.read(length))
     except ValueError as exc:
         raise CorruptEntry(f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
-        raise CorruptEntry("header has no metadata")
+    if not isinstance(header, dict):
+        raise CorruptEntry("header is not a JSON object")
     return header, 8 + length
 
 
-def read_meta(path: Path) -> StoredFile:
-    """Metadata and token ids only (no KV arrays): how the index is rebuilt at start."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        header, start = _read_header(f, size)
-        strings = header["__metadata__"]
-        if strings.get("format") != FORMAT_VERSION:
-            raise CorruptEntry(f"format version {strings.get('format')!r}, expected {FORMAT_VERSION}")
-        meta = EntryMeta.from_strings(strings)
-        try:
-            begin, end = header["tokens"]["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptEntry("no token ids") from None
-        if not (isinstance(begin, int) and isinstance(end, int)):
-            raise CorruptEntry("token offsets are not integers")
-        if not 0 <= begin <= end <= size - start or end - begin != 4 * meta.num_tokens:
-            raise CorruptEntry("token ids do not fit the file")
-        if _data_end(header) != size - start:  # a truncated (or padded) file: caught here, at start
-            raise CorruptEntry(f"the tensors need {_data_end(header)} data bytes, the file has {size - start}")
-        f.seek(start + begin)
-        tokens = np.frombuffer(f.read(end - begin), dtype=np.int32)
-    mtime = os.stat(path).st_mtime
-    if mtime > meta.last_use:
-        meta = dataclasses.replace(meta, last_use=mtime)
-    return StoredFile(path, meta, size, tokens)
-
-
-def _data_end(header: dict) -> int:
+def data_end(header: dict) -> int:
     """Where the last tensor's bytes end (safetensors data is exactly that long); -1 if malformed."""
     try:
         return max((spec["data_offsets"][1] for name, spec in header.items() if name != "__metadata__"),
@@ -223,17 +203,50 @@ def _data_end(header: dict) -> int:
         return -1
 
 
+def _read_entry_header(f: BinaryIO, size: int) -> tuple[dict, int]:
+    """An entry file's header, with its metadata in this format's version."""
+    header, start = read_header(f, size)
+    strings = header.get("__metadata__")
+    if not isinstance(strings, dict):
+        raise CorruptEntry("header has no metadata")
+    if strings.get("format") != FORMAT_VERSION:
+        raise CorruptEntry(f"format version {strings.get('format')!r}, expected {FORMAT_VERSION}")
+    return header, start
+
+
+def read_meta(path: Path) -> StoredFile:
+    """Metadata and token ids only (no KV arrays): how the index is rebuilt at start."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header, start = _read_entry_header(f, size)
+        meta = EntryMeta.from_strings(header["__metadata__"])
+        try:
+            begin, end = header["tokens"]["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CorruptEntry("no token ids") from None
+        if not (isinstance(begin, int) and isinstance(end, int)):
+            raise CorruptEntry("token offsets are not integers")
+        if not 0 <= begin <= end <= size - start or end - begin != 4 * meta.num_tokens:
+            raise CorruptEntry("token ids do not fit the file")
+        if data_end(header) != size - start:  # a truncated (or padded) file: caught here, at start
+            raise CorruptEntry(f"the tensors need {data_end(header)} data bytes, the file has {size - start}")
+        f.seek(start + begin)
+        tokens = np.frombuffer(f.read(end - begin), dtype=np.int32)
+    mtime = os.stat(path).st_mtime
+    if mtime > meta.last_use:
+        meta = dataclasses.replace(meta, last_use=mtime)
+    return StoredFile(path, meta, size, tokens)
+
+
 def read(path: Path) -> tuple[EntryMeta, dict[str, np.ndarray]]:
     """Read a whole entry into memory and check its content hash; CorruptEntry if anything is off."""
     size = path.stat().st_size
     with open(path, "rb", buffering=0) as f:
-        header, start = _read_header(f, size)
+        header, start = _read_entry_header(f, size)
         buffer = np.empty(size - start, dtype=np.uint8)
         if f.readinto(memoryview(buffer)) != len(buffer):
             raise CorruptEntry("file ended early")
     strings = header.pop("__metadata__")
-    if strings.get("format") != FORMAT_VERSION:
-        raise CorruptEntry(f"format version {strings.get('format')!r}, expected {FORMAT_VERSION}")
     tensors = {}
     try:
         for name, spec in header.items():

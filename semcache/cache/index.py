@@ -1,10 +1,11 @@
-"""The agent cache: which stored KV serves which prompt, in memory and on disk, within byte budgets.
+"""The agent cache's index: which stored KV serves which prompt, within the memory budget; files are
+the disk tier's (disk.py), which the index holds and calls.
 
-Everything here runs on the event loop except file work, which goes to one I/O thread (store.py);
-arrays are numpy (kvdata.py), so no MLX call is ever made off the MLX thread. Entries are immutable:
-a finished sequence stores a new entry (replacing the same agent's entries it extends), and a hit
-hands the engine the entry's arrays to copy. Lookup is by token ids: the agent's own entries first,
-then the longest prefix among all the tenant's entries (a radix trie); a tenant never sees another's.
+Everything here runs on the event loop; file work goes to the disk tier's one I/O thread. Arrays are
+numpy (kvdata.py), so no MLX call is ever made off the MLX thread. Entries are immutable: a finished
+sequence stores a new entry (replacing the same agent's entries it extends), and a hit hands the
+engine the entry's arrays to copy. Lookup is by token ids: the agent's own entries first, then the
+longest prefix among all the tenant's entries (a radix trie); a tenant never sees another's.
 Memory past its budget spills least recently used entries (anonymous ones first) to disk; disk past
 its budget deletes the oldest files; entries unused for `ttl` seconds are deleted.
 """
@@ -12,105 +13,74 @@ its budget deletes the oldest files; entries unused for `ttl` seconds are delete
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import secrets
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from semcache.cache import entryfile as store
+from semcache.cache.disk import DiskTier
+from semcache.cache.entry import ANON, MISS, CacheLimits, Entry, Match, common_prefix, preferred
 from semcache.cache.kvdata import KVData
-from semcache.cache.disk import READ_RETRY, WRITE_PAUSE, DiskTier
-from semcache.cache.entry import ANON, MISS, CacheLimits, Entry, Match, _preferred, common_prefix
-from semcache.ops.metrics import Metrics
 from semcache.cache.trie import TokenTrie
+from semcache.ops.metrics import Metrics
 
 __all__ = ["ANON", "MISS", "AgentCache", "CacheLimits", "Entry", "Match", "common_prefix"]
 log = logging.getLogger("semcache.cache")
 
 
-class AgentCache(DiskTier):
+class AgentCache:
     def __init__(self, limits: CacheLimits, directory: Path | None, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time):
         self.limits = limits
-        self.directory = directory
         self.metrics = metrics or Metrics()
         self.clock = clock
-        self.fingerprint = ""
         self.entries: dict[str, Entry] = {}
-        self.foreign: dict[str, store.StoredFile] = {}  # other models' files: counted, never served
         self._tries: dict[str, TokenTrie] = defaultdict(TokenTrie)
         self._pools: dict[tuple[str, str | None], set[str]] = defaultdict(set)
-        self.memory_bytes = self.disk_bytes = self.writing_bytes = 0
-        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="semcache-io")
-        self._tasks: set[asyncio.Task] = set()
-        self._lock: Any = None
-        self.write_pause, self.read_retry = WRITE_PAUSE, READ_RETRY  # seconds (kvdisk.py: faults)
-        self._writes_paused_until = 0.0  # time.monotonic()
-        self._skipped_writes = False  # write-through skipped entries during a pause
+        self.memory_bytes = 0
         self._update_gauges()
+        self.disk = DiskTier(directory, limits, self.metrics, attach=self._attach, drop=self._remove)
+
+    # The disk tier's counts and write pause, as tests read (and shorten) them
+    disk_bytes = property(lambda self: self.disk.bytes)
+    writing_bytes = property(lambda self: self.disk.writer.writing_bytes)
+    foreign = property(lambda self: self.disk.foreign)
+
+    write_pause = property(lambda self: self.disk.writer.write_pause,
+                           lambda self, seconds: setattr(self.disk.writer, "write_pause", seconds))
 
     # Lifecycle -------------------------------------------------------------------------------
 
     async def lock(self) -> None:
         """Take the cache directory (store.CacheDirLocked if another daemon has it). A directory that
         cannot be created or locked (read-only, I/O error) leaves the cache in memory only."""
-        if self.directory is not None and self.limits.enabled:
-            try:
-                self._lock = await self._run(store.lock_dir, self.directory)
-            except OSError as exc:
-                self._disk_error("write", exc)
-                log.error("agent cache directory %s is unusable (%s): caching in memory only", self.directory, exc)
+        await self.disk.lock()
 
     async def open(self, fingerprint: str) -> None:
         """Index the files on disk from their headers (no arrays): a restarted daemon is warm."""
-        self.fingerprint = fingerprint
-        if self._lock is None:
+        found = await self.disk.open(fingerprint)
+        if found is None:
             return
-        try:
-            files, bad, failed = await self._run(store.scan, self.directory)
-        except OSError as exc:  # the folder cannot be listed: start cold, files stay for a later start
-            self._disk_error("read", exc)
-            log.error("cannot list the agent cache folder %s: %s; starting without its entries", self.directory, exc)
-            files, bad, failed = [], [], []
-        for path in bad:
-            await self._quarantine(path)
-        for path, exc in failed:  # left in place, not indexed: a later start tries again
-            self._disk_error("read", exc)
-            log.warning("cannot read cache file %s (%s); not indexed", path, exc)
-        for f in files:
-            self.disk_bytes += f.size
-            if f.meta.fingerprint != fingerprint:
-                self.foreign[f.meta.key] = f
-                continue
-            m = f.meta
-            self._index(Entry(m.key, m.tenant, m.agent, m.named, f.tokens, m.dtype, m.created, m.last_use,
-                              path=f.path, file_bytes=f.size))
+        ours, bad, failed = found
+        for entry in ours:
+            self._index(entry)
         self.expire()
-        self._enforce_disk()
+        self.disk.enforce_budget()
         self._update_gauges()
         log.info("agent cache: %d entries on disk for this model (%d of other models, %d quarantined, "
-                 "%d unreadable), %s", len(self.entries), len(self.foreign), len(bad), len(failed), self.directory)
+                 "%d unreadable), %s", len(self.entries), len(self.foreign), bad, failed, self.disk.directory)
 
     async def settle(self) -> None:
         """Wait until no file work (writes, reads, removals) is in flight."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.disk.settle()
 
     async def close(self) -> None:
         """Write memory entries not yet on disk, finish all file work, release the directory."""
-        for entry in list(self.entries.values()):
-            if entry.dirty and self.directory is not None and self._lock is not None:
-                self._schedule_write(entry)
-        await self.settle()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-        self._io.shutdown(wait=True)
+        await self.disk.close(list(self.entries.values()))
 
     # Lookup and use --------------------------------------------------------------------------
 
@@ -118,7 +88,7 @@ class AgentCache(DiskTier):
         """The entry sharing the longest token prefix with the prompt (at least one token is left
         to compute). The agent's own entries win ties; below `min_prefix` tokens it is a miss."""
         limit = len(prompt_ids) - 1
-        if not self.limits.enabled or limit < max(1, self.limits.min_prefix):
+        if limit < max(1, self.limits.min_prefix):
             return MISS
         best = MISS
         now = time.monotonic()
@@ -128,7 +98,7 @@ class AgentCache(DiskTier):
                 if entry.retry_at > now:
                     continue
                 n = min(common_prefix(entry.tokens, ids), limit)
-                if n > best.num_tokens or (n == best.num_tokens and _preferred(entry, best.entry)):
+                if n > best.num_tokens or (n == best.num_tokens and preferred(entry, best.entry)):
                     best = Match(entry, n)
         trie = self._tries.get(tenant)
         if trie is not None:
@@ -150,8 +120,7 @@ class AgentCache(DiskTier):
             result = "partial" if not whole else "disk_hit" if from_disk else "memory_hit"
             entry.last_use = self.clock()
             self.metrics.cache_tokens_reused.inc(match.num_tokens)
-            if entry.path is not None:
-                self._background(store.touch, entry.path, entry.last_use)
+            self.disk.touch(entry)
         self.metrics.cache_lookups.labels(result).inc()
 
     def fetch(self, entry: Entry) -> asyncio.Future | None:
@@ -160,26 +129,15 @@ class AgentCache(DiskTier):
         if entry.data is not None or entry.removed:
             return None
         if entry.pending is not None:  # spilled, still being written: take it back
-            data, entry.pending = entry.pending, None
-            self.writing_bytes -= data.nbytes
-            self._attach(entry, data)
+            self._attach(entry, self.disk.take_back(entry))
             return None
-        if entry.loading is None:
-            entry.loading = self._spawn(self._read(entry))
-        return entry.loading
-
-    async def load(self, entry: Entry) -> bool:
-        """Make `entry` resident, reading its file on the I/O thread; False if it is gone or bad."""
-        loading = self.fetch(entry)
-        if loading is not None:
-            return await asyncio.shield(loading)
-        return not entry.removed
+        return self.disk.read(entry)
 
     # Storing ---------------------------------------------------------------------------------
 
     def put(self, tenant: str, agent: str | None, token_ids: list[int], data: KVData) -> Entry | None:
         """Store a finished sequence's KV for its agent, replacing the agent's entries it extends."""
-        if not self.limits.enabled or data.num_tokens == 0:
+        if data.num_tokens == 0:
             return None
         tokens = np.asarray(token_ids[: data.num_tokens], dtype=np.int32)
         now = self.clock()
@@ -195,16 +153,12 @@ class AgentCache(DiskTier):
         entry = Entry(key, tenant, agent or ANON + key[:12], agent is not None, tokens, data.dtype, now, now,
                       data=data, dirty=True)
         for old in replaced:
-            if old.path is not None and old.writing is None:
-                entry.superseded.append((old.path, old.file_bytes))
-                old.path = None  # its file now belongs to the new entry, until that one is written
-            entry.superseded += old.superseded
-            old.superseded = []
+            self.disk.hand_over(old, entry)
             self._remove(old, "replaced")
         self._index(entry)
         self.memory_bytes += data.nbytes
         if self.limits.write_through:
-            self._write_through(entry)
+            self.disk.write_through(entry, self.entries.values())
         self._enforce_memory()
         self._update_gauges()
         return entry
@@ -239,30 +193,19 @@ class AgentCache(DiskTier):
         entries = [e for e in self.entries.values() if e.tenant == tenant]
         tasks = [task for e in entries for task in self._remove(e, "purge")]
         tasks += [e.writing for e in entries if e.writing is not None]
-        foreign = [k for k, f in self.foreign.items() if f.meta.tenant == tenant]
-        tasks += [self._drop_foreign(k, "purge") for k in foreign]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        foreign = self.disk.drop_foreign(lambda f: f.meta.tenant == tenant)
+        await asyncio.gather(*tasks, *foreign, return_exceptions=True)
         return len(entries) + len(foreign)
 
     async def switch(self, fingerprint: str) -> None:
         """Another model was loaded: this model's entries go to disk and are kept under their
         fingerprint (served again if it returns); the new model's files become servable."""
+        await self.disk.flush(list(self.entries.values()))
+        ours = self.disk.switch(fingerprint, list(self.entries.values()))
         for entry in list(self.entries.values()):
-            if entry.dirty and self._lock is not None:
-                self._schedule_write(entry)
-        await self.settle()
-        for entry in list(self.entries.values()):
-            if entry.path is not None:  # hand its file to the foreign index before forgetting it
-                meta = self._meta(entry, "native")
-                self.foreign[entry.key] = store.StoredFile(entry.path, meta, entry.file_bytes, entry.tokens)
-                entry.path = None  # the bytes stay counted: the file is now a foreign one
             self._remove(entry, "model_swap")
-        self.fingerprint = fingerprint
-        for key in [k for k, f in self.foreign.items() if f.meta.fingerprint == fingerprint]:
-            f = self.foreign.pop(key)
-            m = f.meta
-            self._index(Entry(m.key, m.tenant, m.agent, m.named, f.tokens, m.dtype, m.created, m.last_use,
-                              path=f.path, file_bytes=f.size))
+        for entry in ours:
+            self._index(entry)
         self._update_gauges()
 
     def expire(self) -> None:
@@ -270,8 +213,7 @@ class AgentCache(DiskTier):
         cutoff = self.clock() - self.limits.ttl
         for entry in [e for e in self.entries.values() if e.last_use < cutoff]:
             self._remove(entry, "ttl")
-        for key in [k for k, f in self.foreign.items() if f.meta.last_use < cutoff]:
-            self._drop_foreign(key, "ttl")
+        self.disk.drop_foreign(lambda f: f.meta.last_use < cutoff)
 
     # Internals -------------------------------------------------------------------------------
 
@@ -286,7 +228,7 @@ class AgentCache(DiskTier):
         best = None
         for i, key in enumerate(keys):
             entry = self.entries[key]
-            if entry.retry_at <= now and (best is None or _preferred(entry, best)):
+            if entry.retry_at <= now and (best is None or preferred(entry, best)):
                 best = entry
             if i >= 32:
                 break
@@ -296,6 +238,20 @@ class AgentCache(DiskTier):
         self.entries[entry.key] = entry
         self._tries[entry.tenant].insert(entry.tokens.tolist(), entry.key)
         self._pools[(entry.tenant, entry.agent if entry.named else None)].add(entry.key)
+
+    def _remove(self, entry: Entry, reason: str) -> list[asyncio.Task]:
+        """Forget the entry (`reason` says why, for readers); returns the file removals it started."""
+        if entry.removed:
+            return []
+        entry.removed = True
+        del self.entries[entry.key]
+        self._tries[entry.tenant].remove(entry.tokens.tolist(), entry.key)
+        self._pools[(entry.tenant, entry.agent if entry.named else None)].discard(entry.key)
+        if entry.data is not None:
+            self.memory_bytes -= entry.data.nbytes
+            entry.data = None
+        self._update_gauges()
+        return self.disk.forget(entry)
 
     def _attach(self, entry: Entry, data: KVData) -> None:
         entry.data = data
@@ -315,43 +271,24 @@ class AgentCache(DiskTier):
         data, entry.data = entry.data, None
         self.memory_bytes -= data.nbytes
         self.metrics.cache_evictions.labels("memory", reason).inc()
-        if entry.dirty and self._writable():  # while writes pause after a failure, it is dropped
-            entry.pending = data
-            self.writing_bytes += data.nbytes
-            self._schedule_write(entry)
-        elif entry.path is None:  # no disk tier to spill to: the entry is gone
+        if not self.disk.spill(entry, data):  # no disk tier, or writes paused after a failure: gone
             self._remove(entry, reason)
         self._update_gauges()
-
 
     # Introspection ---------------------------------------------------------------------------
 
     def _update_gauges(self) -> None:
-        """Set the tier gauges now (called after every change, so a scrape never computes them)."""
-        for tier in ("memory", "disk", "writing"):
-            self.metrics.cache_bytes.labels(tier).set(self._bytes_in(tier))
-            self.metrics.cache_entries.labels(tier).set(self._entries_in(tier))
-
-    def _bytes_in(self, tier: str) -> int:
-        return {"memory": self.memory_bytes, "disk": self.disk_bytes, "writing": self.writing_bytes}[tier]
-
-    def _entries_in(self, tier: str) -> int:
-        if tier == "memory":
-            return sum(1 for e in self.entries.values() if e.data is not None)
-        if tier == "disk":
-            return sum(1 for e in self.entries.values() if e.path is not None) + len(self.foreign)
-        return sum(1 for e in self.entries.values() if e.pending is not None)
+        """Set the memory gauges now (after every change, so a scrape never computes them)."""
+        self.metrics.cache_bytes.labels("memory").set(self.memory_bytes)
+        self.metrics.cache_entries.labels("memory").set(sum(1 for e in self.entries.values() if e.data is not None))
 
     def check_integrity(self) -> None:
         """Assert the accounting and index invariants (tests call this after every operation)."""
         live = list(self.entries.values())
         assert self.memory_bytes == sum(e.data.nbytes for e in live if e.data is not None), "memory bytes drifted"
-        assert self.writing_bytes == sum(e.pending.nbytes for e in live if e.pending is not None)
-        on_disk = sum(e.file_bytes for e in live if e.path is not None) + sum(f.size for f in self.foreign.values())
-        on_disk += sum(size for e in live for _, size in e.superseded)
-        assert self.disk_bytes == on_disk, "disk bytes drifted"
         assert not any(e.data is not None and e.pending is not None for e in live)
         assert sum(len(t) for t in self._tries.values()) == len(live), "trie out of step with entries"
         assert sum(len(keys) for keys in self._pools.values()) == len(live), "agent pools out of step"
         largest = max((e.data.nbytes for e in live if e.data is not None), default=0)
         assert self.memory_bytes - largest <= self.limits.memory_budget, "memory budget exceeded by more than one entry"
+        self.disk.check_integrity(live)

@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from semcache.engine.batchkv import as_batch, restore, snapshot
+from semcache.cache.entry import common_prefix
 from semcache.cache.kvdata import KVData
 from semcache.engine.sampling import sample_batch
 from semcache.engine.types import Admission, SamplingParams, StepResult
@@ -53,12 +54,6 @@ class _Decoding:
     # One row: plain KVCaches (no mask, the exact single-sequence path, ~5% faster); more: BatchKVCaches.
     cache: list[Any] | None = None
     inputs: Any = None  # mx.array [B]: each row's latest token, reported, not yet fed to the model
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Number of leading tokens that a and b share."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _group_cost(size: int, longest: int, shared: int) -> int:

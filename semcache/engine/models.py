@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from transformers import PreTrainedTokenizerFast
 
+from semcache.cache import entryfile
 from semcache.ops.errors import ModelLoadError
 from semcache.engine.gguf import load_gguf, load_gguf_tokenizer
 from semcache.engine.types import ModelInfo
@@ -168,17 +168,17 @@ def _check_safetensors(path: Path) -> None:
         raise ModelLoadError(f"weight file {path} is not a regular file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        raw = f.read(8)
-        length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        if not 0 <= length <= min(size - 8, 100 << 20):
-            raise ModelLoadError(f"weight file {path} is not a safetensors file, or is cut short ({size} bytes)")
         try:
-            header = json.loads(f.read(length))
-            end = max((spec["data_offsets"][1] for k, spec in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            header, start = entryfile.read_header(f, size, limit=100 << 20)
+        except entryfile.NotSafetensors:
+            raise ModelLoadError(f"weight file {path} is not a safetensors file, or is cut short ({size} bytes)") from None
+        except entryfile.CorruptEntry:
             raise ModelLoadError(f"weight file {path} has a corrupt header") from None
-    if 8 + length + end > size:
-        raise ModelLoadError(f"weight file {path} is cut short: {size} bytes, its header needs {8 + length + end}")
+    end = entryfile.data_end(header)
+    if end < 0:
+        raise ModelLoadError(f"weight file {path} has a corrupt header")
+    if start + end > size:
+        raise ModelLoadError(f"weight file {path} is cut short: {size} bytes, its header needs {start + end}")
 
 
 def _weights_dtype(model: nn.Module) -> str:
