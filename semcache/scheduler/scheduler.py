@@ -12,12 +12,12 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from semcache.engine.types import Admission, Engine
 from semcache.cache.index import MISS, AgentCache, Match
 from semcache.ops.metrics import Metrics
+from semcache.scheduler.limits import Limits, TooLarge
 from semcache.scheduler.running import Running
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence, Status
 from semcache.scheduler.waiting import Item, Overloaded, Waiting
@@ -27,20 +27,6 @@ __all__ = ["Limits", "Overloaded", "Scheduler", "TooLarge"]
 log = logging.getLogger("semcache.scheduler")
 # A request whose cache entry is loading from disk lets others pass this many times, then runs cold.
 MAX_CACHE_WAITS = 50
-
-
-class TooLarge(ValueError):
-    """The request can never run here (context or KV budget); a client error, not overload."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_active: int = 16
-    kv_budget: int = 4 << 30
-    max_queue: int = 256
-    max_queue_wait: float = 120.0
-    stream_buffer: int = 4096
-    batch_wait: float = 0.01
 
 
 class Scheduler:

@@ -31,28 +31,13 @@ def build(config: Config, metrics: Metrics, limiter: RateLimiter | None, engine:
         from semcache.engine.engine import MLXEngine
 
         engine = MLXEngine(config.model, prefill_chunk=config.prefill_chunk)
-    limits = Limits(
-        max_active=config.max_active,
-        kv_budget=config.kv_budget,
-        max_queue=config.max_queue,
-        max_queue_wait=config.max_queue_wait,
-        stream_buffer=config.stream_buffer,
-        batch_wait=config.batch_wait,
-    )
+    limits = Limits.from_config(config)
     cache = make_cache(config, metrics) if config.cache_enabled else None
     return Service(config, engine, Scheduler(engine, limits, cache, metrics=metrics), cache, limiter)
 
 
 def make_cache(config: Config, metrics: Metrics) -> AgentCache:
-    limits = CacheLimits(
-        memory_budget=config.cache_memory_budget,
-        disk_budget=config.cache_disk_budget,
-        ttl=config.cache_ttl,
-        min_prefix=config.cache_min_prefix,
-        encoding=config.cache_disk_encoding,
-        write_through=config.cache_write_through,
-    )
-    return AgentCache(limits, Path(config.cache_dir).expanduser(), metrics)
+    return AgentCache(CacheLimits.from_config(config), Path(config.cache_dir).expanduser(), metrics)
 
 
 async def run(service: Service) -> None:
