@@ -46,7 +46,7 @@ ONLY_IN = {
 EXCEPTIONS = {
     # `semcache agents|health|models` talk to a running daemon over HTTP: an aiohttp client, no server.
     ("ops/cli.py", "aiohttp"),
-    # The admin CLI is called from __main__; it shares aiohttp's client with the HTTP layer.
+    # `semcache serve` runs the aiohttp server (web.AppRunner) from __main__.
     ("__main__.py", "aiohttp"),
 }
 NO_ASYNCIO = {"cache/kvdata.py", "cache/entryfile.py", "cache/trie.py", "text/chat.py", "text/tools.py",

@@ -65,7 +65,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     drain_timeout: Annotated[float, Meta(ge=0)] = 30.0
     log_level: str = "info"
     log_format: Literal["json", "text"] = "json"
-    # The agent cache (docs/DESIGN.md, "The agent cache"): byte budgets per tier, entry lifetime, smallest useful hit.
+    # The agent cache (docs/DESIGN.md, "The disk-hit path"; README "Agent cache"): byte budgets per tier, entry lifetime, smallest useful hit.
     cache_enabled: bool = True
     cache_memory_budget: Annotated[int, Meta(ge=0)] = 2 << 30
     cache_disk_budget: Annotated[int, Meta(ge=0)] = 20 << 30
