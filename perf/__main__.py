@@ -2,7 +2,7 @@
 python -m perf agents --out report.json [--agents 12] [--budget 256MiB] [--runs 3]
 python -m perf quant --out report.json [--prompts 10]
 python -m perf swap --out report.json [--runs 3]
-python -m perf baseline|stress|faults|tools --help   (each module adds its own options)"""
+python -m perf baseline|stress|faults|tools|agents-cc --help   (each module adds its own options)"""
 
 import argparse
 import importlib
@@ -20,6 +20,7 @@ BENCHMARKS = {
     "stress": "bounded loopback stress: overload, agent bursts, sustained load, disconnect storms",
     "faults": "fault injection: SIGKILL during cache writes, restart, check what survived",
     "tools": "constrained decoding cost: grammar compile and mask time, decode tok/s with vs without",
+    "agents-cc": "Claude Code sessions on the embedded model: every request's status, per-turn cache reuse",
 }
 
 
@@ -29,11 +30,15 @@ def main() -> None:
     parsers = {name: sub.add_parser(name, help=text) for name, text in BENCHMARKS.items()}
     chosen = sys.argv[1] if len(sys.argv) > 1 else None
     if chosen in parsers:
-        importlib.import_module(f"perf.{chosen}").configure(parsers[chosen])
+        importlib.import_module(_module(chosen)).configure(parsers[chosen])
     args = parser.parse_args()  # without a known benchmark first, this exits with the usage
-    report = importlib.import_module(f"perf.{args.command}").main(args)
+    report = importlib.import_module(_module(args.command)).main(args)
     print(json.dumps(report["summary"], indent=2))
     print(f"report written to {args.out}")
+
+
+def _module(name: str) -> str:
+    return "perf." + name.replace("-", "_")
 
 
 if __name__ == "__main__":

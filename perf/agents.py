@@ -156,7 +156,7 @@ def disk_load(workdir: Path, tokens: int = 2000, repeats: int = 5) -> dict:
 
     from semcache.cache import entryfile as store
     from semcache.engine.batchkv import restore
-    from semcache.cache.index import _read_entry
+    from semcache.cache.disk import read_entry
     from semcache.cache.kvdata import KVData
 
     layers, heads, dim = 30, 3, 64  # SmolLM2-135M
@@ -175,12 +175,12 @@ def disk_load(workdir: Path, tokens: int = 2000, repeats: int = 5) -> dict:
         return median_seconds(fn, repeats)
 
     def to_mlx():
-        _, _, loaded = _read_entry(stored.path)
+        _, _, loaded = read_entry(stored.path)
         caches = [restore(k, v, loaded.dtype) for k, v in loaded.layers]
         mx.eval([(c.keys, c.values) for c in caches])
 
     plain = timed(lambda: stored.path.read_bytes())
-    load = timed(lambda: _read_entry(stored.path))
+    load = timed(lambda: read_entry(stored.path))
     load_mlx = timed(to_mlx)
     return {"tokens": tokens, "file_bytes": stored.size, "plain_read_s": plain, "load_verified_s": load,
             "load_verified_to_mlx_s": load_mlx, "load_over_plain": load / plain,

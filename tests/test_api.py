@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -293,7 +294,7 @@ class TestErrors:
         assert_anthropic_error(data, "invalid_request_error", "not supported yet")
         tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]
         data = await (await client.post("/v1/messages", json={**MSG, "tools": tools})).json()
-        assert_anthropic_error(data, "invalid_request_error", "server tools")
+        assert_anthropic_error(data, "invalid_request_error", "tools.0: Input tag 'web_search_20250305' found")
         parts = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
         r = await client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": parts}]})
         assert r.status == 400
@@ -320,18 +321,27 @@ class TestErrors:
         assert_anthropic_error(await r.json(), "request_too_large", "max_body")
 
     async def test_prompt_longer_than_context_states_both_numbers(self, make_client, tokenizer):
-        """A prompt past the context window is a 400 with the prompt length and the context size."""
+        """A prompt past the context window is a 400 in Anthropic's exact words (Claude Code matches
+        the whole message): the prompt's tokens and the most the model accepts, its context - 1."""
         client = await make_client(engine=FakeEngine(tokenizer, context_length=40))
         req = {**MSG, "messages": [{"role": "user", "content": "word " * 60}]}
-        data = await (await client.post("/v1/messages", json=req)).json()
-        assert_anthropic_error(data, "invalid_request_error", "context window is 40 tokens")
+        r = await client.post("/v1/messages", json=req)
+        data = await r.json()
+        assert r.status == 400 and r.headers["x-should-retry"] == "false"
+        assert re.fullmatch(r"prompt is too long: \d+ tokens > 39 maximum", data["error"]["message"])
+        counted = await (await client.post("/v1/messages/count_tokens", json=req)).json()
+        assert data["error"]["message"] == f"prompt is too long: {counted['input_tokens']} tokens > 39 maximum"
 
     async def test_generation_stops_at_the_context(self, make_client, tokenizer):
-        """prompt + max_tokens past the context stops at the context with max_tokens."""
+        """prompt + max_tokens past the context is not refused: generation stops when the context is
+        full, with model_context_window_exceeded (OpenAI: length)."""
         client = await make_client(engine=FakeEngine(tokenizer, context_length=36))
-        body = await (await client.post("/v1/messages", json={**MSG, "max_tokens": 500})).json()
-        assert body["stop_reason"] == "max_tokens"
+        body = await (await client.post("/v1/messages", json={**MSG, "max_tokens": 32000})).json()
+        assert body["stop_reason"] == "model_context_window_exceeded"
         assert body["usage"]["input_tokens"] + body["usage"]["output_tokens"] == 36
+        chat = await (await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 32000})).json()
+        assert chat["choices"][0]["finish_reason"] == "length"
+        assert chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"] == 36
 
     async def test_request_beyond_kv_budget_is_400_at_once(self, make_client):
         """A request that could never fit kv_budget fails now with 400, not after a queue wait."""
@@ -474,9 +484,11 @@ class TestModels:
         assert page["first_id"] == "fake-model" and page["data"][0]["lifecycle"] == "active"
 
     async def test_model_by_id(self, make_client):
-        """The loaded model's id is 200; any other id is 404 in the caller's dialect."""
+        """Any id the generation routes accept is found, under that id, with the real context window
+        (Claude Code looks up `--model local` and would otherwise assume a 1M-token window)."""
         client = await make_client()
-        assert (await client.get("/v1/models/fake-model")).status == 200
-        r = await client.get("/v1/models/other", headers=ANTHROPIC)
-        assert r.status == 404
-        assert_anthropic_error(await r.json(), "not_found_error")
+        assert (await (await client.get("/v1/models/fake-model")).json())["id"] == "fake-model"
+        r = await client.get("/v1/models/local", headers=ANTHROPIC)
+        assert r.status == 200
+        model = await r.json()
+        assert model["id"] == "local" and model["type"] == "model" and model["max_input_tokens"] == 8192

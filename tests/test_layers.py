@@ -50,7 +50,7 @@ EXCEPTIONS = {
     ("__main__.py", "aiohttp"),
 }
 NO_ASYNCIO = {"cache/kvdata.py", "cache/entryfile.py", "cache/trie.py", "text/chat.py", "text/tools.py",
-              "text/grammar.py", "text/toolrequest.py", "ops/errors.py", "ops/ratelimit.py", "ops/tenants.py",
+              "text/grammar.py", "text/toolrequest.py", "text/holdback.py", "ops/errors.py", "ops/ratelimit.py", "ops/tenants.py",
               "engine/batch.py", "engine/sampling.py", "engine/models.py", "engine/blas.py", "engine/types.py"}
 
 
@@ -157,3 +157,24 @@ def test_nothing_outside_the_engine_loads_mlx():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", f"loaded: {out.stdout.strip()}"
+
+
+def test_every_semcache_name_the_benchmarks_import_exists():
+    """perf/ imports semcache names inside functions too (loaded only when a benchmark runs): each
+    one must exist, or a benchmark fails minutes into its run (a moved `read_entry` once did)."""
+    import importlib
+
+    missing = []
+    for path in sorted((ROOT / "perf").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("semcache"):
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and not _is_submodule(node.module, a.name)]
+    assert not missing
+
+
+def _is_submodule(package: str, name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(f"{package}.{name}") is not None

@@ -48,11 +48,12 @@ class TestAnthropicSDK:
         assert counted.input_tokens == msg.usage.input_tokens
 
     def test_models(self, claude):
-        """models.list and models.retrieve parse in the Anthropic shape."""
+        """models.list and models.retrieve parse in the Anthropic shape; any id the generation
+        routes accept is found, with the real context window."""
         assert [m.id for m in claude.models.list()] == ["fake-model"]
         assert claude.models.retrieve("fake-model").id == "fake-model"
-        with pytest.raises(anthropic.NotFoundError):
-            claude.models.retrieve("other")
+        local = claude.models.retrieve("local")
+        assert local.id == "local" and local.max_input_tokens == 8192
 
     def test_bad_request(self, claude):
         """A malformed body raises BadRequestError, also for stream=True."""

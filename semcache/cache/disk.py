@@ -34,7 +34,7 @@ log = logging.getLogger("semcache.cache")
 READ_RETRY = 30.0  # seconds lookups pass over an entry whose file could not be read
 
 
-def _read_entry(path: Path) -> tuple[store.EntryMeta, np.ndarray, KVData]:
+def read_entry(path: Path) -> tuple[store.EntryMeta, np.ndarray, KVData]:
     meta, tensors = store.read(path)
     tokens, data = KVData.from_tensors(tensors, meta.dtype, meta.encoding)
     return meta, tokens, data
@@ -240,7 +240,7 @@ class DiskTier:
             if entry.removed or path is None:  # removed before the read started
                 return False
             try:
-                meta, tokens, data = await timed(self.metrics.cache_disk_read_seconds, self.io.run(_read_entry, path))
+                meta, tokens, data = await timed(self.metrics.cache_disk_read_seconds, self.io.run(read_entry, path))
                 if meta.key != entry.key or meta.fingerprint != self.fingerprint or not np.array_equal(
                         tokens, entry.tokens):
                     raise store.CorruptEntry("metadata does not match the index")

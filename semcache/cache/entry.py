@@ -61,6 +61,7 @@ class Entry:
     # Files of the entries this one replaced: deleted only once this one is on disk, so a crash in
     # between leaves the agent its previous turn rather than nothing.
     superseded: list[tuple[Path, int]] = field(default_factory=list)
+    background: bool = False  # stored by a client's side request: evicted first, never evicts others
 
     @property
     def num_tokens(self) -> int:

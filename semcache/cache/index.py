@@ -135,8 +135,11 @@ class AgentCache:
 
     # Storing ---------------------------------------------------------------------------------
 
-    def put(self, tenant: str, agent: str | None, token_ids: list[int], data: KVData) -> Entry | None:
-        """Store a finished sequence's KV for its agent, replacing the agent's entries it extends."""
+    def put(self, tenant: str, agent: str | None, token_ids: list[int], data: KVData, background: bool = False,
+            fresh_start: bool = False) -> Entry | None:
+        """Store a finished sequence's KV for its agent, replacing the agent's entries it extends
+        (with `fresh_start`, after a client compacted its context, all of them). A `background`
+        entry (a client's side request) is evicted first and never evicts another from memory."""
         if data.num_tokens == 0:
             return None
         tokens = np.asarray(token_ids[: data.num_tokens], dtype=np.int32)
@@ -144,14 +147,14 @@ class AgentCache:
         replaced = []
         for old in self._pool(tenant, agent):
             shared = common_prefix(old.tokens, tokens)
-            if shared == old.num_tokens:
+            if shared == old.num_tokens or (fresh_start and agent is not None):
                 replaced.append(old)
             elif shared == len(tokens):  # an entry of this agent already holds all of it
                 old.last_use = now
                 return old
         key = secrets.token_hex(8)
         entry = Entry(key, tenant, agent or ANON + key[:12], agent is not None, tokens, data.dtype, now, now,
-                      data=data, dirty=True)
+                      data=data, dirty=True, background=background)
         for old in replaced:
             self.disk.hand_over(old, entry)
             self._remove(old, "replaced")
@@ -159,7 +162,7 @@ class AgentCache:
         self.memory_bytes += data.nbytes
         if self.limits.write_through:
             self.disk.write_through(entry, self.entries.values())
-        self._enforce_memory()
+        self._enforce_memory(newcomer=entry if background else None)
         self._update_gauges()
         return entry
 
@@ -260,12 +263,15 @@ class AgentCache:
         self._enforce_memory(keep=entry)
         self._update_gauges()
 
-    def _enforce_memory(self, keep: Entry | None = None) -> None:
+    def _enforce_memory(self, keep: Entry | None = None, newcomer: Entry | None = None) -> None:
+        """Spill least recently used entries past the budget, background and anonymous ones first; a
+        background `newcomer` may push out only those (itself last, being the most recent)."""
         while self.memory_bytes > self.limits.memory_budget:
-            victims = [e for e in self.entries.values() if e.data is not None and e is not keep]
+            victims = [e for e in self.entries.values() if e.data is not None and e is not keep
+                       and (newcomer is None or e.background or not e.named)]
             if not victims:
                 return
-            self._spill(min(victims, key=lambda e: (e.named, e.last_use)), "budget")
+            self._spill(min(victims, key=lambda e: (e.named and not e.background, e.last_use)), "budget")
 
     def _spill(self, entry: Entry, reason: str) -> None:
         data, entry.data = entry.data, None

@@ -19,10 +19,11 @@ from semcache.http.anthropic_request import (  # noqa: F401  (re-exported: agent
     parse_tools,
 )
 from semcache.ops.errors import anthropic_body
-from semcache.http.identity import identity, note_usage, priority, rate_key
+from semcache.http.identity import compacted, identity, is_background, note_usage, priority, rate_key
 from semcache.http.appkeys import SERVICE
 from semcache.http.body import decode_body
 from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
+from semcache.text.chat import reply_message
 from semcache.text.tools import (
     CallScanner,
     Text,
@@ -34,6 +35,7 @@ from semcache.text.tools import (
 STOP_REASONS = {
     FinishReason.END: "end_turn",
     FinishReason.LENGTH: "max_tokens",
+    FinishReason.CONTEXT_WINDOW: "model_context_window_exceeded",
     FinishReason.STOP_SEQUENCE: "stop_sequence",
 }
 
@@ -100,6 +102,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         continue_final=True,  # Anthropic "prefill": the answer continues a final assistant turn
         tenant=tenant,
         agent=agent,
+        background=is_background(request),
+        fresh_start=compacted(request),
         breakpoint=breakpoint_messages(body),
         rate_key=rate_key(request),
         tools=tuple(tools),
@@ -111,12 +115,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
         msg_id = "msg_" + secrets.token_hex(12)
         scanner = CallScanner(service.tool_format, tools, "toolu_") if tools else None
         if body.stream:
-            return await _stream(request, body, ticket, msg_id, scanner, service.stop)
+            response, events = await _stream(request, body, ticket, msg_id, scanner, service.stop)
+            if events is not None:
+                service.turn_done(ticket, gen, reply_message(events))
+            return response
         events = await collect(seq.stream(), scanner)
         if scanner and scanner.done:
             service.stop(seq)  # stopped at a repeated call: free the slot, keep the KV
         elif seq.finished.reason not in STOP_REASONS:
             raise failure(seq.finished)
+        service.turn_done(ticket, gen, reply_message(events))
         content = [{"type": "text", "text": e.text} if isinstance(e, Text) else _tool_use(e.call) for e in events]
         return web.json_response(_message(body, msg_id, content or [{"type": "text", "text": ""}], ticket, scanner))
     finally:
@@ -172,23 +180,39 @@ class _Blocks:
 
 async def _stream(request: web.Request, body: MessagesRequest, ticket: Ticket, msg_id: str,
                   scanner: CallScanner | None, stop):
-    seq = ticket.seq
+    """The SSE answer, and its events (None: it ended with an error event)."""
     response = await sse.open_stream(request)
-    write = response.write
+    async with sse.KeepAlive(response, PING) as stream:
+        events = await _events(stream.write, body, ticket, msg_id, scanner, stop)
+    if events is not None:
+        await response.write_eof()
+    return response, events
+
+
+PING = sse.frame({"type": "ping"}, "ping")
+
+
+async def _events(write, body: MessagesRequest, ticket: Ticket, msg_id: str, scanner: CallScanner | None,
+                  stop) -> list | None:
+    """The whole event sequence, message_start to message_stop; the answer's Text and Call events
+    (None: it ended with an error event)."""
+    seq = ticket.seq
     start = _message(body, msg_id, [], ticket, final=False)
     await write(sse.frame({"type": "message_start", "message": start}, "message_start"))
     blocks = _Blocks(write)
     if scanner is None:
         await blocks.text("")  # plain text: the block opens at once, before the first token
-    await write(sse.frame({"type": "ping"}, "ping"))
+    await write(PING)
+    answer = []
     async for events in scanned(seq.stream(), scanner):
+        answer += events
         await blocks.emit(events)
     finished = seq.finished
     if scanner and scanner.done:
         stop(seq)  # stopped at a repeated call: free the slot, keep the KV
     elif finished.reason not in STOP_REASONS:
         await write(sse.frame(anthropic_body(failure(finished)), "error"))
-        return response
+        return None
     await blocks.finish()
     await write(sse.frame(
         {
@@ -200,8 +224,7 @@ async def _stream(request: web.Request, body: MessagesRequest, ticket: Ticket, m
         "message_delta",
     ))
     await write(sse.frame({"type": "message_stop"}, "message_stop"))
-    await response.write_eof()
-    return response
+    return answer
 
 
 async def count_tokens(request: web.Request) -> web.Response:

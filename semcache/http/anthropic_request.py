@@ -100,10 +100,32 @@ def _block_text(content: Union[str, list], where: str) -> str:
     return "\n".join(parts)
 
 
+# Claude Code's first system block: its version and entry point, and per-session (or older releases:
+# per-request) fields. The model never needs it, and rendering it would give every session its own
+# prefix, so it is left out of the prompt, and out of usage, as Anthropic's API does.
+BILLING_PREFIX = "x-anthropic-billing-header:"
+
+
+def _system_blocks(body: _Prompt) -> list[TextBlock]:
+    """The top-level system blocks that reach the prompt (leading billing blocks left out)."""
+    if not isinstance(body.system, list):
+        return []
+    blocks = body.system
+    while blocks and blocks[0].text.startswith(BILLING_PREFIX):
+        blocks = blocks[1:]
+    return blocks
+
+
+def _system_text(body: _Prompt) -> str:
+    if isinstance(body.system, str):
+        return "" if body.system.startswith(BILLING_PREFIX) else body.system
+    return _block_text(_system_blocks(body), "system")
+
+
 def breakpoint_messages(body: _Prompt) -> list[ChatMessage] | None:
     """The conversation cut after the last block marked with cache_control (None: no mark). A mark
     on a tool covers the system prompt, which the tool list is rendered into."""
-    system = body.system if isinstance(body.system, list) else []
+    system = _system_blocks(body)
     cut = None
     if any(isinstance(t, dict) and t.get("cache_control") is not None for t in body.tools or ()):
         cut = (-1, len(system) - 1)
@@ -119,7 +141,7 @@ def breakpoint_messages(body: _Prompt) -> list[ChatMessage] | None:
         return None
     i, j = cut
     if i < 0:
-        text = body.system if isinstance(body.system, str) else _block_text(system[: j + 1], "system")
+        text = _system_text(body) if j == len(system) - 1 else _block_text(system[: j + 1], "system")
         return [ChatMessage("system", text)] if text else []
     message = body.messages[i]
     head = msgspec.structs.replace(body, messages=[*body.messages[:i], Message(message.role, message.content[: j + 1])])
@@ -135,7 +157,10 @@ def parse_tools(body: _Prompt) -> tuple[list[Tool], ToolChoice]:
             raise invalid(f"{where} must be an object", param=where)
         kind = raw.get("type")
         if kind not in (None, "custom"):
-            raise unsupported(f"{where}: server tools (type {kind!r}) are", param=f"{where}.type")
+            # Anthropic's wording for a tool type it does not know: Claude Code reads the type from
+            # it, drops that tool and retries.
+            raise invalid(f"tools.{i}: Input tag '{kind}' found using 'type' does not match any of the "
+                          "expected tags: 'custom'", param=f"{where}.type")
         if "input_schema" not in raw:
             raise invalid(f"{where}.input_schema: a custom tool needs an input_schema", param=f"{where}.input_schema")
         tools.append(make_tool(raw.get("name"), raw.get("description"), raw["input_schema"], where, "input_schema"))
@@ -157,8 +182,9 @@ def parse_tools(body: _Prompt) -> tuple[list[Tool], ToolChoice]:
 def chat_messages(body: _Prompt, check_final: bool = True) -> list[ChatMessage]:
     """The conversation as template-ready messages; unsupported features are a 400 naming the field."""
     out = []
-    if body.system:
-        out.append(ChatMessage("system", _block_text(body.system, "system")))
+    system = _system_text(body)
+    if system:
+        out.append(ChatMessage("system", system))
     # A system message later in the conversation (Claude Code sends them) stays where it is: hoisting
     # it into the top-level system would change the prefix every later turn reuses.
     for i, message in enumerate(body.messages):

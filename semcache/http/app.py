@@ -12,7 +12,6 @@ from semcache.http import admin, agents, anthropic, middleware, openai
 from semcache.http.dialect import sends_anthropic_version
 from semcache.http.appkeys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS, SERVICE, Inflight
 from semcache.ops.config import Config
-from semcache.ops.errors import ApiError, Kind
 from semcache.ops.metrics import Metrics
 from semcache.ops.ratelimit import RateLimiter, RateLimits
 from semcache.ops.tenants import KeyRing
@@ -47,6 +46,8 @@ def make_app(config: Config, engine=None, clock=time.monotonic) -> web.Applicati
         web.get("/health/live", health_live),
         web.get("/health/startup", health_startup),
         web.get("/health/ready", health_ready),
+        web.head("/", probe),
+        web.head("/api/hello", probe),
         web.post("/v1/messages", anthropic.messages),
         web.post("/v1/messages/count_tokens", anthropic.count_tokens),
         web.post("/v1/chat/completions", openai.chat_completions),
@@ -109,6 +110,11 @@ async def health_ready(request: web.Request) -> web.Response:
     return _health(service, not service.queue_full, "queue_full")
 
 
+async def probe(request: web.Request) -> web.Response:
+    """A client's connectivity check: the daemon answers, whatever its state."""
+    return web.Response(status=200)
+
+
 async def list_models(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     service.require_loaded()
@@ -125,12 +131,12 @@ async def get_model(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     service.require_loaded()
     info = service.info
+    # The generation routes serve any model name with the one model loaded (clients pick names such
+    # as "local" or a Claude id), so discovery answers for any name too, with the real window.
     model_id = request.match_info["model_id"]
-    if model_id != info.model_id:
-        raise ApiError(Kind.NOT_FOUND, f"model '{model_id}' does not exist; this server serves '{info.model_id}'")
     if sends_anthropic_version(request):
-        return web.json_response(anthropic.model_info(info.model_id, info.context_length))
-    return web.json_response(openai.model_object(info.model_id))
+        return web.json_response(anthropic.model_info(model_id, info.context_length))
+    return web.json_response(openai.model_object(model_id))
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

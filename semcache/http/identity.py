@@ -1,4 +1,5 @@
-"""Who is asking: the tenant (the API key in use) and the agent (X-Agent-ID, or X-Session-ID)."""
+"""Who is asking: the tenant (the API key in use), the agent (X-Agent-ID, X-Session-ID, or the
+client's own session headers) and how urgent the request is."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ ANONYMOUS = "anonymous"  # the rate-limit key of callers without an API key
 DEFAULT_TENANT = "default"  # every caller, when no api_keys are configured
 DEFAULT_PRIORITY = 5  # lower values are more urgent; below this needs the admin key (with auth on)
 AGENT_HEADERS = ("X-Agent-ID", "X-Session-ID")
+# Claude Code names its sessions and subagents itself; these count only when neither header above is
+# sent, a subagent's id before its session's, and one that is not a valid agent id is ignored.
+CLIENT_AGENT_HEADERS = ("x-claude-code-agent-id", "x-claude-code-session-id")
+# x-claude-code-request-class: titles, classifiers and summaries are served after main traffic.
+REQUEST_CLASS_HEADER = "x-claude-code-request-class"
+BACKGROUND_CLASSES = frozenset({"auxiliary", "compaction"})
+BACKGROUND_PRIORITY = 7  # after the default 5; still before the least urgent (9)
+# Sent with the first request after Claude Code compacted a conversation: the old branch is dead.
+COMPACTED_HEADER = "x-claude-code-context-compacted"
 MAX_AGENT_ID = 128
 _AGENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 
@@ -40,16 +50,31 @@ def identity(request: web.Request) -> tuple[str, str | None]:
     given = {h: request.headers[h].strip() for h in AGENT_HEADERS if h in request.headers}
     if len(set(given.values())) > 1:
         raise invalid("X-Agent-ID and X-Session-ID name different agents; send one", param="X-Agent-ID")
-    if not given:
-        return tenant, None
-    header, value = next(iter(given.items()))
-    return tenant, check_agent_id(value, header)
+    if given:
+        header, value = next(iter(given.items()))
+        return tenant, check_agent_id(value, header)
+    for header in CLIENT_AGENT_HEADERS:
+        value = request.headers.get(header, "").strip()
+        if value and len(value) <= MAX_AGENT_ID and _AGENT_RE.fullmatch(value) and not value.startswith(ANON):
+            return tenant, value
+    return tenant, None
+
+
+def compacted(request: web.Request) -> bool:
+    """The client has just compacted this agent's context (x-claude-code-context-compacted)."""
+    return request.headers.get(COMPACTED_HEADER, "").strip().lower() not in ("", "0", "false")
+
+
+def is_background(request: web.Request) -> bool:
+    """A client's own side request (Claude Code: titles, classifiers, compaction summaries)."""
+    return request.headers.get(REQUEST_CLASS_HEADER, "").strip().lower() in BACKGROUND_CLASSES
 
 
 def priority(request: web.Request, body_value: int | None) -> int:
     """X-Priority (or the body's `priority`), 0-9; with API keys or an admin key configured, values
     below the default need the admin key, so no tenant can jump the queue."""
-    value = parse_priority(request.headers.get("X-Priority"), body_value, DEFAULT_PRIORITY)
+    default = BACKGROUND_PRIORITY if is_background(request) else DEFAULT_PRIORITY
+    value = parse_priority(request.headers.get("X-Priority"), body_value, default)
     guarded = request.get(KEY) is not None or bool(request.app[CONFIG].admin_key)
     if value < DEFAULT_PRIORITY and guarded and not request.get(ADMIN):
         raise ApiError(Kind.PERMISSION, f"priorities below {DEFAULT_PRIORITY} need the admin key (got {value})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 import time
 
@@ -44,11 +45,17 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
         content_type="application/json",
     )
     if err.retry_after is not None:
-        response.headers["Retry-After"] = str(err.retry_after)
-        response.headers["retry-after-ms"] = str(err.retry_after * 1000)
-    if request.method == "POST" and err.kind is Kind.OVERLOADED:
-        response.headers["x-should-retry"] = "true"
+        seconds = max(1, math.ceil(err.retry_after))  # whole seconds: clients parse an integer
+        response.headers["Retry-After"] = str(seconds)
+        response.headers["retry-after-ms"] = str(seconds * 1000)
+    # The SDKs (and Claude Code) read this before their own status rules: retry capacity refusals,
+    # rate limits and server errors, never a request that is wrong as sent.
+    response.headers["x-should-retry"] = "true" if should_retry(response.status) else "false"
     return response
+
+
+def should_retry(status: int) -> bool:
+    return status in (429, 503, 529) or status >= 500
 
 
 @web.middleware
@@ -89,10 +96,19 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers["request-id"] = request_id
         response.headers["x-request-id"] = request_id
     limiter = request.app[LIMITER]
-    if limiter is not None and not request.path.startswith("/health/"):
+    if limiter is not None and not is_open(request):
         snap = limiter.snapshot(rate_key(request))
         headers = anthropic_headers(snap, time.time()) if is_anthropic(request) else openai_headers(snap)
         response.headers.update(headers)
+
+
+# Start-up probes a client sends before its first request (Claude Code: HEAD on the base URL and on
+# /api/hello); they reveal nothing, so like /health/* they need no key and are never rate limited.
+PROBES = frozenset({"/", "/api/hello"})
+
+
+def is_open(request: web.Request) -> bool:
+    return request.path.startswith("/health/") or (request.method == "HEAD" and request.path in PROBES)
 
 
 @web.middleware
@@ -100,7 +116,7 @@ async def rate_limit(request: web.Request, handler):
     """Innermost: requests per minute for every route but /health/*; generation routes are charged
     their tokens too, once the prompt is tokenized (Service.start), before they reach the queue."""
     limiter = request.app[LIMITER]
-    if limiter is None or request.path.startswith("/health/"):
+    if limiter is None or is_open(request):
         return await handler(request)
     if request.method == "POST" and request.path in GENERATION_PATHS or request.path.endswith("/warm"):
         return await handler(request)
@@ -177,7 +193,7 @@ async def auth(request: web.Request, handler):
     config = request.app[CONFIG]
     path = request.path
     keys = request.app[KEYRING]
-    if path.startswith("/health/"):
+    if is_open(request):
         return await handler(request)
     given = given_key(request) if config.admin_key or keys.enabled else None
     admin = bool(config.admin_key and given and hmac.compare_digest(given.encode(), config.admin_key.encode()))

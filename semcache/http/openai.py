@@ -11,7 +11,7 @@ from aiohttp import web
 
 from semcache.http import sse
 from semcache.ops.errors import invalid, openai_body
-from semcache.http.identity import identity, note_usage, priority, rate_key
+from semcache.http.identity import compacted, identity, is_background, note_usage, priority, rate_key
 from semcache.http.appkeys import SERVICE
 from semcache.http.openai_request import (  # noqa: F401  (re-exported: agents.py, tests)
     MAX_CHOICES,
@@ -25,6 +25,7 @@ from semcache.http.openai_request import (  # noqa: F401  (re-exported: agents.p
 )
 from semcache.http.body import decode_body
 from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
+from semcache.text.chat import reply_message
 from semcache.text.tools import (
     CallScanner,
     Text,
@@ -37,6 +38,7 @@ FINISH_REASONS = {
     FinishReason.END: "stop",
     FinishReason.STOP_SEQUENCE: "stop",
     FinishReason.LENGTH: "length",
+    FinishReason.CONTEXT_WINDOW: "length",
 }
 
 
@@ -72,6 +74,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         continue_final=body.continue_final_message,
         tenant=tenant,
         agent=agent,
+        background=is_background(request),
+        fresh_start=compacted(request),
         rate_key=rate_key(request),
         tools=tuple(tools),
         tool_choice=choice,
@@ -107,6 +111,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             }
             for i, (seq, events, scanner) in enumerate(zip(seqs, answers, scanners))
         ]
+        if len(tickets) == 1:  # with n > 1 the client continues from one choice it picks
+            service.turn_done(tickets[0], gen, reply_message(answers[0]))
         return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage(seqs)})
     finally:
         note_usage(request, seqs)

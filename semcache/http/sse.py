@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from aiohttp import web
 
@@ -28,3 +30,42 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     return response
+
+
+KEEPALIVE_SECONDS = 10.0  # a ping after this long without an event (clients cut idle streams)
+
+
+class KeepAlive:
+    """Writes to a stream, and writes `ping` itself whenever KEEPALIVE_SECONDS pass without an event:
+    through a long prefill, a long queue of held-back tool-call text, or a slow step."""
+
+    def __init__(self, response: web.StreamResponse, ping: bytes):
+        self.response = response
+        self.ping = ping
+        self._lock = asyncio.Lock()  # one frame at a time: a ping never lands inside another event
+        self._last = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def write(self, data: bytes) -> None:
+        async with self._lock:
+            await self.response.write(data)
+            self._last = asyncio.get_running_loop().time()
+
+    async def __aenter__(self) -> "KeepAlive":
+        self._last = asyncio.get_running_loop().time()
+        self._task = asyncio.create_task(self._beat())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, ConnectionError):
+            pass
+
+    async def _beat(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.0, self._last + KEEPALIVE_SECONDS - loop.time()))
+            if loop.time() - self._last >= KEEPALIVE_SECONDS:
+                await self.write(self.ping)

@@ -44,6 +44,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_queue_wait: Seconds = 120.0
     prefill_chunk: Positive = 256
     default_max_tokens: Positive = 1024
+    # An operator ceiling on the output a request may ask for (Claude Code asks for 32,000); unset:
+    # only the context window limits it.
+    max_output_tokens: Positive | None = None
     max_body: Positive = 32 << 20
     stream_buffer: Positive = 4096
     batch_wait: Annotated[float, Meta(ge=0, le=1)] = 0.01

@@ -76,16 +76,18 @@ class Running:
         _emit(seq, delta)
         if stop is not None:
             return self.end(seq, Finished(FinishReason.STOP_SEQUENCE, stop_sequence=stop))
-        at_context = seq.num_prompt_tokens + seq.num_output_tokens >= info.context_length
-        if seq.num_output_tokens >= seq.max_tokens or at_context:
+        if seq.num_output_tokens >= seq.max_tokens:
             return self.end(seq, Finished(FinishReason.LENGTH))
+        if seq.num_prompt_tokens + seq.num_output_tokens >= info.context_length:
+            return self.end(seq, Finished(FinishReason.CONTEXT_WINDOW))
         if seq.events.qsize() > self.stream_buffer:
             self.end(seq, Finished(FinishReason.ERROR, error="the client is reading too slowly"))
 
     def end(self, seq: Sequence, finished: Finished, status: Status = Status.FINISHED) -> None:
         """End `seq` wherever it is (running, or still waiting): its last text, then `finished`."""
         text = self._text.pop(seq.seq_id, None)
-        if text is not None and finished.reason in (FinishReason.END, FinishReason.LENGTH):
+        if text is not None and finished.reason in (FinishReason.END, FinishReason.LENGTH,
+                                                    FinishReason.CONTEXT_WINDOW):
             tail, stop = text.stops.feed(text.detok.flush())
             _emit(seq, tail + (text.stops.flush() if stop is None else ""))
         if self.seqs.pop(seq.seq_id, None) is not None:

@@ -68,14 +68,14 @@ class Scheduler:
 
     def kv_need(self, seq: Sequence) -> int:
         info = self.engine.info
-        return (seq.num_prompt_tokens + seq.max_tokens) * (info.kv_bytes_per_token if info else 0)
+        return (seq.num_prompt_tokens + seq.max_output) * (info.kv_bytes_per_token if info else 0)
 
     def check_fits(self, seq: Sequence) -> None:
         """Raise TooLarge when `seq` could never be admitted, so it fails now, not at its deadline."""
         need = self.kv_need(seq)
         if need > self.limits.kv_budget:
             raise TooLarge(
-                f"prompt ({seq.num_prompt_tokens} tokens) plus max_tokens ({seq.max_tokens}) needs "
+                f"prompt ({seq.num_prompt_tokens} tokens) plus max_tokens ({seq.max_output}) needs "
                 f"{need} bytes of KV cache, more than kv_budget ({self.limits.kv_budget} bytes)"
             )
 
@@ -150,6 +150,10 @@ class Scheduler:
     def start_draining(self) -> None:
         """Refuse every new request from now on (the daemon is shutting down)."""
         self.draining = True
+
+    def pause(self) -> None:
+        """Admit nothing new (a model swap); running sequences finish."""
+        self.paused = True
 
     def resume(self) -> None:
         """Admit again after a pause (a model swap)."""
@@ -233,7 +237,8 @@ class Scheduler:
         """Give finished sequences' KV (prompt and reply) to the agent cache."""
         for seq_id, seq in keep.items():
             data = kept.get(seq_id)
-            entry = self.cache.put(seq.tenant, seq.agent, seq.prompt_ids + seq.output_ids, data) if data else None
+            entry = self.cache.put(seq.tenant, seq.agent, seq.prompt_ids + seq.output_ids, data,
+                                   seq.background, seq.fresh_start) if data else None
             waiter = self._stored.pop(seq_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(entry)

@@ -24,7 +24,8 @@ class FinishReason(enum.Enum):
     """Why generation ended; each dialect maps it (end_turn/stop, max_tokens/length, ...)."""
 
     END = "end"
-    LENGTH = "length"
+    LENGTH = "length"  # max_tokens reached
+    CONTEXT_WINDOW = "context_window"  # the model's context is full before max_tokens was reached
     STOP_SEQUENCE = "stop_sequence"
     ABORT = "abort"
     ERROR = "error"
@@ -44,7 +45,7 @@ class Sequence:
     """A request as the scheduler sees it: prompt ids in, text deltas and one Finished event out."""
 
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int  # as asked (after the operator's ceiling); the context may end it first
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     priority: int = 0
@@ -58,7 +59,10 @@ class Sequence:
     last_token_at: float | None = None
     tenant: str = "default"
     fingerprint: str | None = None  # the model its prompt was tokenized for
+    context_length: int | None = None  # of that model (None: no limit but max_tokens)
     agent: str | None = None  # X-Agent-ID; None: an anonymous request (still gets prefix reuse)
+    background: bool = False  # a client's side request: its cache entry is evicted first
+    fresh_start: bool = False  # the client compacted its context: its entry replaces all the agent's
     num_cached_tokens: int = 0  # prompt tokens served from the agent cache
     cache_from_disk: bool = False
     num_cache_waits: int = 0
@@ -68,6 +72,13 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def max_output(self) -> int:
+        """The most tokens this sequence can generate: max_tokens, or what the context leaves."""
+        if self.context_length is None:
+            return self.max_tokens
+        return min(self.max_tokens, max(0, self.context_length - self.num_prompt_tokens))
 
     @property
     def num_output_tokens(self) -> int:

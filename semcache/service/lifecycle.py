@@ -119,6 +119,7 @@ async def drain(service: Service, timeout: float) -> None:
 async def close(service: Service) -> None:
     """Refuse new work, write the cache's memory-only entries to disk, free the model."""
     service.start_draining()
+    await service.turns.close()
     try:
         if service.cache is not None:
             await service.cache.close()  # memory entries not yet on disk are written now

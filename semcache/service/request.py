@@ -28,8 +28,10 @@ class Generation:
     continue_final: bool = False  # a trailing assistant message is a prefill to continue
     tenant: str = "default"
     agent: str | None = None
+    background: bool = False  # a client's side request (titles, classifiers, summaries)
+    fresh_start: bool = False  # the client compacted its context
     breakpoint: list[ChatMessage] | None = None  # the conversation up to its last cache_control mark
-    rate_key: str = "anonymous"  # whose rate-limit buckets pay for it
+    rate_key: str | None = "anonymous"  # whose rate-limit buckets pay for it (None: the server's own work)
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     json_mode: bool = False  # OpenAI response_format: the answer is JSON (matching json_schema if set)

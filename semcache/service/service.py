@@ -21,6 +21,7 @@ from semcache.cache.index import ANON, AgentCache
 from semcache.scheduler.scheduler import Overloaded, Scheduler, TooLarge
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence
 from semcache.service.request import Generation, Ticket, charge, failure, refusal
+from semcache.service.turns import Turns
 from semcache.engine.toolformat import format_for
 from semcache.text.tools import Tool, ToolFormat
 
@@ -54,6 +55,7 @@ class Service:
         self._not_swapping.set()
         self._renderer: PromptRenderer | None = None
         self._grammars: Grammars | None = None  # per model: reset with the renderer on a swap
+        self.turns = Turns(self)
 
     # What the HTTP layer reads and asks for -------------------------------------------------
 
@@ -85,6 +87,10 @@ class Service:
     @property
     def has_cache(self) -> bool:
         return self.cache is not None
+
+    def turn_done(self, ticket: Ticket, gen: Generation, reply: ChatMessage) -> None:
+        """A turn was answered with `reply`: keep its canonical form cached for the next turn."""
+        self.turns.after(ticket, gen, reply)
 
     def start_draining(self) -> None:
         """Refuse every new request from now on (the daemon is shutting down)."""
@@ -195,19 +201,20 @@ class Service:
         prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools)
         context = self.engine.info.context_length
         if len(prompt_ids) >= context:
-            raise invalid(
-                f"prompt is too long: {len(prompt_ids)} tokens, but the model's context window is "
-                f"{context} tokens (at least one must be left to generate)",
-                param="messages",
-            )
+            # Anthropic's exact words: Claude Code matches the whole message to tell the user the
+            # conversation no longer fits (and to offer compaction). M leaves one token to generate.
+            raise invalid(f"prompt is too long: {len(prompt_ids)} tokens > {context - 1} maximum", param="messages")
         seq = Sequence(
             prompt_ids=prompt_ids,
-            max_tokens=min(gen.max_tokens, context - len(prompt_ids)),
+            max_tokens=min(gen.max_tokens, self.config.max_output_tokens or gen.max_tokens),
+            context_length=context,
             sampling=replace(gen.sampling, constraint=None if warm else await self.constraint(gen)),
             stop=gen.stop,
             priority=gen.priority,
             tenant=gen.tenant,
             agent=gen.agent,
+            background=gen.background,
+            fresh_start=gen.fresh_start,
             fingerprint=self.engine.info.fingerprint,
         )
         ticket = Ticket(seq)
@@ -216,8 +223,8 @@ class Service:
                                                          list(gen.tools))
         if warm:
             ticket.stored = self.scheduler.when_stored(seq)
-        if self.limiter is not None:
-            ticket.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + seq.max_tokens)
+        if self.limiter is not None and gen.rate_key is not None:
+            ticket.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + seq.max_output)
         return ticket
 
     async def swap_model(self, spec: str) -> float:
@@ -227,7 +234,7 @@ class Service:
             raise ApiError(Kind.UNAVAILABLE, "the server is shutting down", retry_after=5)
         async with self._swap:
             start = time.perf_counter()
-            self.scheduler.paused = True
+            self.scheduler.pause()
             self._not_swapping.clear()
             try:
                 await self.scheduler.wait_idle()

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from typing import Any
 
+from semcache.text.holdback import Markers
 from semcache.text.tools import (
     FALLBACK,
+    Call,
+    Text,
     Tool,
     ToolCall,
     ToolFormat,
     call_text,
     fallback_system,
+    join_text,
     result_text,
 )
 
@@ -73,6 +76,14 @@ class PromptRenderer:
         part = self.text(head, generate=False, tools=tools)
         n = next((i for i, (a, b) in enumerate(zip(full, part)) if a != b), min(len(full), len(part)))
         return len(self.tokenizer.encode(full[:n], add_special_tokens=False))
+
+
+def reply_message(events: list) -> ChatMessage:
+    """An answer's Text and Call events as the assistant turn a client sends back next time: its
+    texts joined by newlines (as text blocks are), then its calls."""
+    texts = [e.text for e in join_text(events) if isinstance(e, Text)]
+    calls = tuple(e.call for e in events if isinstance(e, Call))
+    return ChatMessage("assistant", "\n".join(t for t in texts if t), calls)
 
 
 SYSTEM_REMINDER = "<system-reminder>\n{}\n</system-reminder>"
@@ -174,8 +185,7 @@ class StopMatcher:
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
-        self._sorted = sorted(set(self.stops))
-        self._max_len = max(map(len, self.stops), default=0)
+        self._markers = Markers(self.stops)
         self.pending = ""
 
     def feed(self, text: str) -> tuple[str, str | None]:
@@ -188,21 +198,10 @@ class StopMatcher:
             index, stop = min(hits)
             self.pending = ""
             return buf[:index], stop
-        keep = self._held_back(buf)
+        keep = self._markers.held_back(buf)
         self.pending = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], None
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
-
-    def _held_back(self, buf: str) -> int:
-        """Length of the longest suffix of buf that is a proper prefix of a stop string (none is in
-        buf). The first sorted stop >= a suffix starts with it if any stop does, so the cost does not
-        grow with the number of stops: a caller may send thousands, and this runs on the event loop."""
-        for n in range(min(self._max_len - 1, len(buf)), 0, -1):
-            suffix = buf[len(buf) - n :]
-            i = bisect.bisect_left(self._sorted, suffix)
-            if i < len(self._sorted) and self._sorted[i].startswith(suffix):
-                return n
-        return 0

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from semcache.text.holdback import Markers
+
 FALLBACK_START, FALLBACK_END = "<tool_call>", "</tool_call>"
 
 
@@ -149,6 +151,7 @@ class CallScanner:
 
     def __init__(self, fmt: ToolFormat, tools: list[Tool], id_prefix: str):
         self.fmt, self.tools, self.id_prefix = fmt, tools, id_prefix
+        self._opening = Markers((fmt.start,))  # the opening tag a call may still turn out to be
         self._buf = ""
         self._in_call = False
         self.calls: list[ToolCall] = []
@@ -167,7 +170,7 @@ class CallScanner:
                     self._buf = self._buf[1:] if self._buf.startswith("\n") else self._buf
                 i = self._buf.find(self.fmt.start)
                 if i < 0:
-                    keep = partial_suffix(self._buf, (self.fmt.start,))
+                    keep = self._opening.held_back(self._buf)
                     self._emit_text(out, self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep:]
                     return out
@@ -248,15 +251,3 @@ async def scanned(deltas: AsyncIterator[str], scanner: CallScanner | None) -> As
     tail = scanner.flush() if scanner else []
     if tail:
         yield tail
-
-
-def partial_suffix(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of one of `markers` (the text
-    a streaming matcher must hold back)."""
-    longest = 0
-    for marker in markers:
-        for n in range(min(len(marker) - 1, len(text)), longest, -1):
-            if text.endswith(marker[:n]):
-                longest = n
-                break
-    return longest

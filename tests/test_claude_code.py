@@ -1,0 +1,56 @@
+"""Claude Code, the real client, on the embedded model (slow): `perf.agents_cc` runs it against a
+live daemon through a recording proxy, and these tests read its report (one implementation)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from perf import agents_cc
+from perf.agents_cc import claude
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+
+@pytest.fixture(scope="module")
+def report():
+    try:
+        claude.binary()
+    except FileNotFoundError as exc:  # a missing client fails, with the command that installs it
+        pytest.fail(str(exc))
+    return agents_cc.run(None, turns=3, max_output=48)
+
+
+def test_default_mode_gets_the_overflow_error_it_understands(report):
+    """Its ~12K-token default request cannot fit 8K: every request gets Anthropic's exact overflow
+    message (never a 400 about a system role), and Claude Code prints its own explanation."""
+    default = report["default_mode"]
+    assert default["requests"], "Claude Code sent nothing"
+    for r in default["requests"]:
+        assert r["status"] == 400 and re.fullmatch(r"prompt is too long: \d+ tokens > 8191 maximum", r["error"]), r
+    assert default["returncode"] != 0 and "Prompt is too long" in default["printed"]
+
+
+def test_a_bare_session_answers_every_request(report):
+    """A 3-turn --bare --tools Read session (--session-id, then --resume): every request is a 200
+    and every turn exits 0."""
+    for session in report["sessions"]:
+        for turn in session["turns"]:
+            assert turn["returncode"] == 0, turn
+            assert turn["requests"] and all(r["status"] == 200 for r in turn["requests"]), turn["requests"]
+
+
+def test_each_turn_reads_back_what_the_previous_turn_sent(report):
+    """The first request of turns 2 and 3 reads from cache at least 98 % of the tokens the previous
+    turn's last request had as prompt and reply."""
+    turns = report["sessions"][0]["turns"]
+    for turn in turns[1:]:
+        assert turn["reuse"]["fraction"] >= 0.98, turn["reuse"]
+
+
+def test_a_second_session_reads_the_shared_system_and_tool_prefix(report):
+    """A new session (its billing line differs) reads at least 90 % of the system and tool prefix
+    it shares with the first session."""
+    shared = report["shared_prefix"]
+    assert shared["shared_tokens"] > 100 and shared["fraction"] >= 0.9, shared
