@@ -44,6 +44,8 @@ class FakeEngine:
         self._info = ModelInfo("fake-model", context_length, frozenset({0, EOS}), kv_bytes_per_token)
         self.info: ModelInfo | None = None
         self.active: dict[int, int] = {}  # seq_id -> tokens produced
+        self.progress: dict[int, int] = {}  # seq_id -> tokens produced, kept across a preemption
+        self._resumed: set[int] = set()  # re-admitted after a preemption: its last token is in its prompt
         self.fed: dict[int, list[int]] = {}  # seq_id -> token ids its KV covers
         self.hits: dict[int, int] = {}  # seq_id -> cached prefix length at admission
         self.prefix_errors: list[int] = []
@@ -67,7 +69,9 @@ class FakeEngine:
                 kept[seq_id] = fake_kv(fed)
             self.released.append(seq_id)
         for a in admit:
-            self.active[a.seq_id] = 0
+            self.active[a.seq_id] = self.progress.get(a.seq_id, 0)
+            if self.active[a.seq_id]:
+                self._resumed.add(a.seq_id)
             self.fed[a.seq_id] = list(a.prompt_ids)
             self.admitted.append(a.seq_id)
             if a.prefix is not None:
@@ -80,10 +84,11 @@ class FakeEngine:
             raise RuntimeError("injected engine failure")
         out = {}
         for seq_id, produced in self.active.items():
-            if produced:  # the previous token is fed to the model now
+            if produced and seq_id not in self._resumed:  # the previous token is fed to the model now
                 self.fed[seq_id].append(self.reply_ids[min(produced - 1, len(self.reply_ids) - 1)])
+            self._resumed.discard(seq_id)
             out[seq_id] = self.reply_ids[min(produced, len(self.reply_ids) - 1)]
-            self.active[seq_id] = produced + 1
+            self.active[seq_id] = self.progress[seq_id] = produced + 1
         return StepResult(out, kept)
 
     async def swap(self, spec: str) -> None:

@@ -218,15 +218,20 @@ class TestRateLimits:
         assert (await client.post("/v1/messages", json=MSG, headers=h)).status == 200
 
     async def test_token_budget_is_charged_up_front_and_refunded(self, make_client):
-        """tpm: prompt + max_tokens is charged before queueing and refunded to actual use; a request
-        that could never fit the budget is a 400."""
+        """tpm: the prompt and the first step of output (kv_grow_tokens) are charged before queueing
+        and settled to actual use, so a large max_tokens costs only what is generated; a request
+        whose prompt and first step could never fit the budget is a 400."""
         clock = FakeClock()
-        client = await make_client(clock=clock, rate_limit_tpm=300)
+        client = await make_client(clock=clock, rate_limit_tpm=300, kv_grow_tokens=200)
         r = await client.post("/v1/messages", json={**MSG, "max_tokens": 250}, headers=ANTHROPIC)
         assert r.status == 200
         remaining = int(r.headers["anthropic-ratelimit-tokens-remaining"])
         assert remaining > 300 - 250  # refunded: the fake reply is 11 tokens
-        r = await client.post("/v1/messages", json={**MSG, "max_tokens": 1000}, headers=ANTHROPIC)
+        clock.now += 60
+        r = await client.post("/v1/messages", json={**MSG, "max_tokens": 32000}, headers=ANTHROPIC)
+        assert r.status == 200  # charged for the 11 tokens it wrote, not for 32,000
+        long = {**MSG, "messages": [{"role": "user", "content": "word " * 150}]}
+        r = await client.post("/v1/messages", json={**long, "max_tokens": 1000}, headers=ANTHROPIC)
         assert r.status == 400
 
     async def test_refused_requests_get_their_tokens_back(self, make_client):

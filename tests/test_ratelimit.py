@@ -150,11 +150,16 @@ class TestRateLimiter:
         grant.settle(0)
         assert levels(rl, "a") == (None, 750)
 
-    def test_settle_over_use_refunds_nothing(self, clock):
-        """using more than charged refunds nothing and charges nothing more."""
+    def test_settle_over_use_charges_the_rest(self, clock):
+        """using more than charged (output is charged as generated) takes the rest, even into debt
+        that later requests wait out."""
         rl = RateLimiter(RateLimits(tpm=1000), clock)
         rl.acquire("a", 100).settle(500)
-        assert levels(rl, "a") == (None, 900)
+        assert levels(rl, "a") == (None, 500)
+        rl.acquire("a", 100).settle(1200)
+        assert levels(rl, "a")[1] < 0
+        with pytest.raises(RateLimited):
+            rl.acquire("a", 1)
 
     def test_over_tpm_capacity_is_never(self, clock):
         """a request needing more tokens than tpm is refused as 'never' with a clear message, consuming nothing."""

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from semcache.http.appkeys import SERVICE
 from semcache.scheduler.scheduler import Limits, Overloaded, Scheduler, TooLarge
 from semcache.scheduler.sequence import FinishReason, Sequence, Status
 from tests.conftest import FakeEngine
@@ -282,3 +283,49 @@ class TestWithAgentCache:
         finally:
             task.cancel()
             await cache.close()
+
+
+class TestKVGrowth:
+    """KV is reserved a step ahead of each sequence, not for all the output it may ask for."""
+
+    async def test_sixteen_requests_for_32000_tokens_run_together(self, make_client, tokenizer):
+        """On a 32K-context model with an 8B's KV per token (128 KiB, fp16), 16 requests with
+        max_tokens 32000 are admitted together under the default 4 GiB kv_budget (reserving
+        their whole allowance would need 4 GiB each)."""
+
+        class Counting(FakeEngine):
+            most = 0
+
+            async def step(self, admit, release, keep=()):
+                result = await super().step(admit, release, keep)
+                Counting.most = max(Counting.most, len(self.active))
+                return result
+
+        engine = Counting(tokenizer, context_length=32768, kv_bytes_per_token=128 << 10, step_delay=0.01)
+        client = await make_client(engine=engine)
+        body = {"model": "m", "max_tokens": 32000, "messages": [{"role": "user", "content": "Hi"}]}
+        responses = await asyncio.gather(*(client.post("/v1/messages", json=body,
+                                                       headers={"anthropic-version": "2023-06-01"})
+                                           for _ in range(16)))
+        assert [r.status for r in responses] == [200] * 16
+        assert Counting.most == 16
+
+    async def test_a_preempted_sequence_resumes_from_its_stored_kv(self, make_client, tokenizer):
+        """Two long answers on a budget that holds one: the newest is preempted (its KV stored),
+        resumes from that KV without a new prefill, and both answers come out whole."""
+        reply = " ".join(f"w{i}" for i in range(60))
+        engine = FakeEngine(tokenizer, reply=reply, kv_bytes_per_token=1000)
+        client = await make_client(engine=engine, kv_budget=330_000, kv_grow_tokens=16)
+        service = client.app[SERVICE]
+        bodies = [{"model": "m", "max_tokens": 500, "messages": [{"role": "user", "content": f"Go {i}"}]}
+                  for i in range(2)]
+        responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=b, headers={"X-Agent-ID": f"a{i}"})
+                                           for i, b in enumerate(bodies)))
+        answers = [await r.json() for r in responses]
+        assert [a["choices"][0]["message"]["content"] for a in answers] == [reply, reply]
+        assert service.scheduler.metrics.preemptions._value.get() >= 1
+        resumed = [i for i, n in engine.hits.items() if n > 40]
+        assert resumed, engine.hits  # re-admitted with its prompt and output read from its KV
+        assert not engine.prefix_errors
+        assert all(a["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 for a in answers)
+        service.scheduler.check_integrity()

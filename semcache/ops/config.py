@@ -40,6 +40,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     cache_dir: str = "~/.cache/semcache"
     max_active: Positive = 16
     kv_budget: Positive = 4 << 30
+    # KV is reserved this many tokens ahead of each sequence, not for all it may generate.
+    kv_grow_tokens: Positive = 256
     max_queue: Positive = 256
     max_queue_wait: Seconds = 120.0
     prefill_chunk: Positive = 256

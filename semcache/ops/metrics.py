@@ -25,6 +25,9 @@ class Metrics:
         self.cache_lookups = Counter(
             "semcache_cache_lookups", "Agent cache lookups by result (partial: a diverged, trimmed hit)",
             ["result"], registry=r)
+        self.preemptions = Counter(
+            "semcache_preemptions", "Running sequences paused (KV stored, requeued) because the KV budget ran out",
+            registry=r)
         self.cache_tokens_reused = Counter(
             "semcache_cache_tokens_reused", "Prompt tokens served from the agent cache", registry=r)
         self.cache_bytes = Gauge("semcache_cache_bytes", "Stored KV bytes per tier", ["tier"], registry=r)

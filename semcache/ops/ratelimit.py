@@ -49,6 +49,10 @@ class TokenBucket:
         """Return `n` units; the level never exceeds capacity."""
         self._level = min(self.capacity, self.level + max(0.0, n))
 
+    def owe(self, n: float) -> None:
+        """Take `n` units already spent, even below zero: later requests wait for the debt to refill."""
+        self._level = self.level - max(0.0, n)
+
     def seconds_until_full(self) -> float:
         """Seconds until the bucket is back at capacity (0.0 when full)."""
         return max(0.0, (self.capacity - self.level - _EPS) / self.per_second)
@@ -113,13 +117,15 @@ class Grant:
     settled: bool = field(default=False)
 
     def settle(self, used_tokens: int) -> None:
-        """Refund `charged - used_tokens` (never negative); only the first call has any effect."""
+        """Settle on what the request used: refund what was charged and not used, or charge what
+        it used beyond the charge (output is charged as generated); only the first call counts."""
         if self.settled:
             return
         self.settled = True
         entry = self.limiter._keys.get(self.key)
         if entry is not None and entry.tokens is not None:
             entry.tokens.give_back(max(0, self.charged - used_tokens))
+            entry.tokens.owe(max(0, used_tokens - self.charged))
 
 
 class RateLimiter:

@@ -19,6 +19,7 @@ class TooLarge(ValueError):
 class Limits:
     max_active: int = 16
     kv_budget: int = 4 << 30
+    kv_grow_tokens: int = 256
     max_queue: int = 256
     max_queue_wait: float = 120.0
     stream_buffer: int = 4096

@@ -43,16 +43,19 @@ class Running:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def add(self, seq: Sequence, kv_need: int, tokenizer: Any) -> None:
-        """`seq` joins the batch (its caller is told it is admitted)."""
+    def add(self, seq: Sequence, kv_tokens: int, kv_bytes: int, tokenizer: Any) -> None:
+        """`seq` joins the batch (its caller is told it is admitted), holding `kv_tokens` of KV. A
+        preempted sequence that resumes keeps its text state and its first admission's figures."""
         seq.status = Status.RUNNING
-        seq.admitted_at = self.clock()
-        self.metrics.queue_wait.observe(seq.admitted_at - seq.arrival)
-        self.metrics.prompt_tokens.inc(seq.num_prompt_tokens)
+        if seq.seq_id not in self._text:
+            seq.admitted_at = self.clock()
+            self.metrics.queue_wait.observe(seq.admitted_at - seq.arrival)
+            self.metrics.prompt_tokens.inc(seq.num_prompt_tokens)
+            self._text[seq.seq_id] = _TextState(Detokenizer(tokenizer), StopMatcher(seq.stop))
         self.seqs[seq.seq_id] = seq
-        self._kv[seq.seq_id] = kv_need
-        self.kv_reserved += kv_need
-        self._text[seq.seq_id] = _TextState(Detokenizer(tokenizer), StopMatcher(seq.stop))
+        seq.kv_tokens = kv_tokens
+        self._kv[seq.seq_id] = kv_bytes
+        self.kv_reserved += kv_bytes
         self.metrics.active.set(len(self.seqs))
         if not seq.admitted.done():
             seq.admitted.set_result(None)
@@ -83,6 +86,21 @@ class Running:
         if seq.events.qsize() > self.stream_buffer:
             self.end(seq, Finished(FinishReason.ERROR, error="the client is reading too slowly"))
 
+    def grow(self, seq: Sequence, kv_tokens: int, extra_bytes: int) -> None:
+        seq.kv_tokens = kv_tokens
+        self._kv[seq.seq_id] += extra_bytes
+        self.kv_reserved += extra_bytes
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take `seq` out of the batch to free its KV: the engine hands its KV back at the next step
+        (for the agent cache, which it resumes from); its text state stays for when it resumes."""
+        del self.seqs[seq.seq_id]
+        self.kv_reserved -= self._kv.pop(seq.seq_id)
+        self.release.append(seq.seq_id)
+        if self.keep_kv:
+            self.keep[seq.seq_id] = seq
+        self.metrics.active.set(len(self.seqs))
+
     def end(self, seq: Sequence, finished: Finished, status: Status = Status.FINISHED) -> None:
         """End `seq` wherever it is (running, or still waiting): its last text, then `finished`."""
         text = self._text.pop(seq.seq_id, None)
@@ -110,7 +128,7 @@ class Running:
 
     def check_integrity(self) -> None:
         assert all(seq.status is Status.RUNNING for seq in self.seqs.values())
-        assert set(self._text) == set(self.seqs) == set(self._kv), "state for a sequence that is not running"
+        assert set(self.seqs) == set(self._kv) and set(self.seqs) <= set(self._text), "state drifted"
         assert self.kv_reserved == sum(self._kv.values()), "KV reservations drifted"
 
 

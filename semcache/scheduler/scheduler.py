@@ -17,6 +17,7 @@ from typing import Callable
 from semcache.engine.types import Admission, Engine
 from semcache.cache.index import MISS, AgentCache, Match
 from semcache.ops.metrics import Metrics
+from semcache.scheduler.kvbudget import KVBudget
 from semcache.scheduler.limits import Limits, TooLarge
 from semcache.scheduler.running import Running
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence, Status
@@ -44,6 +45,7 @@ class Scheduler:
         self.draining = False
         self.waiting = Waiting()
         self.running = Running(self.metrics, clock, limits.stream_buffer, keep_kv=cache is not None)
+        self.kv = KVBudget(limits, self.running, lambda: engine.info)
         self._wake = asyncio.Event()  # a request arrived, or a cache entry finished loading
         self._stepping = False  # an engine step is in flight (its results not yet handed out)
         self._stored: dict[int, asyncio.Future] = {}  # seq_id -> resolved with its cache entry once stored
@@ -66,18 +68,9 @@ class Scheduler:
         free = max(0, self.limits.max_active - len(self.running))
         return self.waiting.num_places >= self.limits.max_queue + free
 
-    def kv_need(self, seq: Sequence) -> int:
-        info = self.engine.info
-        return (seq.num_prompt_tokens + seq.max_output) * (info.kv_bytes_per_token if info else 0)
-
     def check_fits(self, seq: Sequence) -> None:
         """Raise TooLarge when `seq` could never be admitted, so it fails now, not at its deadline."""
-        need = self.kv_need(seq)
-        if need > self.limits.kv_budget:
-            raise TooLarge(
-                f"prompt ({seq.num_prompt_tokens} tokens) plus max_tokens ({seq.max_output}) needs "
-                f"{need} bytes of KV cache, more than kv_budget ({self.limits.kv_budget} bytes)"
-            )
+        self.kv.check(seq)
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about one generation round per queue 'wave'."""
@@ -181,8 +174,8 @@ class Scheduler:
         self.waiting.check_integrity()
         self.running.check_integrity()
         running = self.running.seqs.values()
-        assert self.running.kv_reserved == sum(self.kv_need(seq) for seq in running), "KV drifted"
-        assert self.running.kv_reserved <= self.limits.kv_budget and len(running) <= self.limits.max_active
+        self.kv.check_integrity()
+        assert len(running) <= self.limits.max_active
 
     # The loop --------------------------------------------------------------------------------
 
@@ -209,6 +202,7 @@ class Scheduler:
                 seq = running.seqs.get(seq_id)
                 if seq is not None:
                     running.on_token(seq, token, self.engine.info)
+            self._grow()
 
     async def _step(self, admit: list[Admission], release: list[int], keep: dict[int, Sequence]) -> dict[int, int]:
         """One engine step; the kept KV goes to the agent cache. An engine failure ends the
@@ -233,6 +227,18 @@ class Scheduler:
                       len(self.running), self.num_waiting)
         return tokens
 
+    def _grow(self) -> None:
+        """Reserve KV ahead for the running sequences; preempt the newest when the budget is spent."""
+        preempt, stuck = self.kv.grow()
+        for seq in preempt:  # waits again with its original arrival: first in line in its priority
+            self.running.preempt(seq)
+            seq.num_preemptions += 1
+            self.waiting.put(seq)
+            self.metrics.preemptions.inc()
+        for seq in stuck:  # it alone fills kv_budget: for this daemon, its context is full
+            self.running.end(seq, Finished(FinishReason.CONTEXT_WINDOW))
+        self.metrics.queue_depth.set(self.num_waiting)
+
     def _store(self, keep: dict[int, Sequence], kept: dict) -> None:
         """Give finished sequences' KV (prompt and reply) to the agent cache."""
         for seq_id, seq in keep.items():
@@ -247,7 +253,7 @@ class Scheduler:
         """The sequence's cache match once resident; None while its entry loads from disk."""
         if self.cache is None:
             return MISS
-        match = self.cache.lookup(seq.tenant, seq.agent, seq.prompt_ids)
+        match = self.cache.lookup(seq.tenant, seq.agent, seq.feed_ids)
         if match.entry is None:
             return match
         loading = self.cache.fetch(match.entry)
@@ -266,20 +272,20 @@ class Scheduler:
             if seq.fingerprint is not None and seq.fingerprint != self.engine.info.fingerprint:
                 self.abort(seq)  # tokenized for a model that was swapped out while it waited
                 continue
-            need = self.kv_need(seq)
-            if len(self.running) >= self.limits.max_active or self.running.kv_reserved + need > self.limits.kv_budget:
+            if len(self.running) >= self.limits.max_active or not self.kv.fits(seq):
                 break
-            if seq.agent is not None and any(k.agent == seq.agent and k.tenant == seq.tenant
-                                             for k in self.running.keep.values()):
-                break  # its agent's previous turn is stored by this step: admit it at the next, as a hit
+            if seq.seq_id in self.running.keep or seq.agent is not None and any(
+                    k.agent == seq.agent and k.tenant == seq.tenant for k in self.running.keep.values()):
+                break  # its KV (its own, preempted, or its agent's last turn) is stored by this step
             match = self._lookup(seq)
             if match is None and seq.num_cache_waits < MAX_CACHE_WAITS:
                 seq.num_cache_waits += 1
                 passed.append(self.waiting.pass_over())
                 continue
             self.waiting.take()
-            self.running.add(seq, need, self.engine.tokenizer)
-            admitted.append(Admission(seq.seq_id, seq.prompt_ids, seq.sampling, self._prefix(seq, match or MISS)))
+            tokens = self.kv.tokens_for(seq)
+            self.running.add(seq, tokens, self.kv.bytes(tokens), self.engine.tokenizer)
+            admitted.append(Admission(seq.seq_id, seq.feed_ids, seq.sampling, self._prefix(seq, match or MISS)))
         for item in passed:
             self.waiting.push(item)
         self.metrics.queue_depth.set(self.num_waiting)
@@ -288,6 +294,7 @@ class Scheduler:
     def _prefix(self, seq: Sequence, match: Match):
         if self.cache is None:
             return None
-        self.cache.record(match, seq.num_prompt_tokens, seq.cache_from_disk)
-        seq.num_cached_tokens = match.num_tokens
+        if not seq.num_preemptions:  # a resumed sequence's usage counts its first admission's hit
+            self.cache.record(match, seq.num_prompt_tokens, seq.cache_from_disk)
+            seq.num_cached_tokens = match.num_tokens
         return match.entry.data.prefix(match.num_tokens) if match.entry is not None else None

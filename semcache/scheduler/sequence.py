@@ -66,12 +66,20 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the agent cache
     cache_from_disk: bool = False
     num_cache_waits: int = 0
+    kv_tokens: int = 0  # tokens of KV reserved for it while it runs (grows as it generates)
+    num_preemptions: int = 0  # times it was paused to free KV and resumed from its stored KV
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     admitted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def feed_ids(self) -> list[int]:
+        """What the engine must hold to continue it: the prompt, then everything generated (after a
+        preemption the last sampled token is not in its KV yet, so it is fed again)."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
     @property
     def max_output(self) -> int:

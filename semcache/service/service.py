@@ -224,7 +224,9 @@ class Service:
         if warm:
             ticket.stored = self.scheduler.when_stored(seq)
         if self.limiter is not None and gen.rate_key is not None:
-            ticket.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + seq.max_output)
+            # The prompt and the first step of output up front; the rest as generated (at settle).
+            first = min(seq.max_output, self.scheduler.limits.kv_grow_tokens)
+            ticket.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + first)
         return ticket
 
     async def swap_model(self, spec: str) -> float:
