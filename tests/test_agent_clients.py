@@ -239,6 +239,8 @@ class TestCanonicalReplies:
         service = client.app[SERVICE]
         reply, uncached, new_turn = await self.two_turns(client, service, tokenizer)
         assert reply == self.REPLY and service.turns.num_canonical == 1
+        metrics = service.scheduler.metrics
+        assert metrics.replies_retokenized._value.get() == 1 and metrics.replies_checked._value.get() >= 1
         assert uncached <= new_turn, (uncached, new_turn)
         assert not engine.prefix_errors
 

@@ -28,6 +28,15 @@ class Metrics:
         self.preemptions = Counter(
             "semcache_preemptions", "Running sequences paused (KV stored, requeued) because the KV budget ran out",
             registry=r)
+        self.replies_checked = Counter(
+            "semcache_replies_checked", "Answered turns of named agents whose reply was re-rendered for the next turn",
+            registry=r)
+        self.replies_retokenized = Counter(
+            "semcache_replies_retokenized", "Of those, replies that re-render as other tokens than were generated "
+            "(their canonical form is prefilled for the next turn)", registry=r)
+        self.reply_divergence = Histogram(
+            "semcache_reply_divergence_tokens", "Where a re-rendered reply first differs from the generated tokens, "
+            "in tokens from the reply's start", buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 1024), registry=r)
         self.cache_tokens_reused = Counter(
             "semcache_cache_tokens_reused", "Prompt tokens served from the agent cache", registry=r)
         self.cache_bytes = Gauge("semcache_cache_bytes", "Stored KV bytes per tier", ["tier"], registry=r)

@@ -50,8 +50,12 @@ class Turns:
         canonical = await service.tokenize(history, generate=False, tools=gen.tools)
         generated = seq.prompt_ids + seq.output_ids
         n = common_prefix(canonical, generated)
+        metrics = service.scheduler.metrics
+        metrics.replies_checked.inc()
         if n >= min(len(generated), len(canonical)):
             return None  # the next turn extends what is stored
+        metrics.replies_retokenized.inc()
+        metrics.reply_divergence.observe(max(0, n - seq.num_prompt_tokens))
         warm = replace(gen, messages=history, max_tokens=0, priority=HOUSEKEEPING_PRIORITY, rate_key=None,
                        continue_final=False, breakpoint=None, stop=(), fresh_start=False)
         task = asyncio.create_task(self._prefill(warm))
