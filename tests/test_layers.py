@@ -50,7 +50,7 @@ EXCEPTIONS = {
     ("__main__.py", "aiohttp"),
 }
 NO_ASYNCIO = {"cache/kvdata.py", "cache/entryfile.py", "cache/trie.py", "text/chat.py", "text/tools.py",
-              "text/grammar.py", "text/toolrequest.py", "text/holdback.py", "ops/errors.py", "ops/ratelimit.py", "ops/tenants.py",
+              "text/grammar.py", "text/toolrequest.py", "text/holdback.py", "text/reasoning.py", "ops/errors.py", "ops/ratelimit.py", "ops/tenants.py",
               "engine/batch.py", "engine/sampling.py", "engine/models.py", "engine/blas.py", "engine/types.py"}
 
 

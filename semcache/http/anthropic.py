@@ -23,14 +23,9 @@ from semcache.http.identity import compacted, identity, is_background, note_usag
 from semcache.http.appkeys import SERVICE
 from semcache.http.body import decode_body
 from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
+from semcache.http.anthropic_blocks import Blocks, content
 from semcache.text.chat import reply_message
-from semcache.text.tools import (
-    CallScanner,
-    Text,
-    ToolCall,
-    collect,
-    scanned,
-)
+from semcache.text.tools import CallScanner, collect, scanned
 
 STOP_REASONS = {
     FinishReason.END: "end_turn",
@@ -83,10 +78,6 @@ def _message(body: MessagesRequest, msg_id: str, content: list, ticket: Ticket,
     }
 
 
-def _tool_use(call: ToolCall) -> dict:
-    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
-
-
 async def messages(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = decode_body(await request.read(), messages_decoder)
@@ -115,75 +106,29 @@ async def messages(request: web.Request) -> web.StreamResponse:
         msg_id = "msg_" + secrets.token_hex(12)
         scanner = CallScanner(service.tool_format, tools, "toolu_") if tools else None
         if body.stream:
-            response, events = await _stream(request, body, ticket, msg_id, scanner, service.stop)
+            response, events = await _stream(request, body, ticket, msg_id, scanner, service)
             if events is not None:
                 service.turn_done(ticket, gen, reply_message(events))
             return response
-        events = await collect(seq.stream(), scanner)
+        events = await collect(service.deltas(seq), scanner)
         if scanner and scanner.done:
             service.stop(seq)  # stopped at a repeated call: free the slot, keep the KV
         elif seq.finished.reason not in STOP_REASONS:
             raise failure(seq.finished)
         service.turn_done(ticket, gen, reply_message(events))
-        content = [{"type": "text", "text": e.text} if isinstance(e, Text) else _tool_use(e.call) for e in events]
-        return web.json_response(_message(body, msg_id, content or [{"type": "text", "text": ""}], ticket, scanner))
+        blocks = content(events, service.info.fingerprint)
+        return web.json_response(_message(body, msg_id, blocks, ticket, scanner))
     finally:
         note_usage(request, [seq])
         service.release(ticket)
 
 
-class _Blocks:
-    """Content blocks of a streamed message, opened and closed in order with sequential indices."""
-
-    def __init__(self, write):
-        self.write = write
-        self.index = -1
-        self.text_open = False
-
-    async def _send(self, event: dict) -> None:
-        await self.write(sse.frame(event, event["type"]))
-
-    async def _start(self, block: dict) -> None:
-        self.index += 1
-        await self._send({"type": "content_block_start", "index": self.index, "content_block": block})
-
-    async def text(self, text: str) -> None:
-        if not self.text_open:
-            await self._start({"type": "text", "text": ""})
-            self.text_open = True
-        if text:
-            await self._send({"type": "content_block_delta", "index": self.index,
-                              "delta": {"type": "text_delta", "text": text}})
-
-    async def tool_use(self, call: ToolCall) -> None:
-        await self.close()
-        await self._start({**_tool_use(call), "input": {}})
-        await self._send({"type": "content_block_delta", "index": self.index,
-                          "delta": {"type": "input_json_delta", "partial_json": call.arguments_json()}})
-        await self._send({"type": "content_block_stop", "index": self.index})
-
-    async def emit(self, events: list) -> None:
-        for event in events:
-            await (self.text(event.text) if isinstance(event, Text) else self.tool_use(event.call))
-
-    async def close(self) -> None:
-        if self.text_open:
-            await self._send({"type": "content_block_stop", "index": self.index})
-            self.text_open = False
-
-    async def finish(self) -> None:
-        """Close the open block; a message always has at least one (an empty text block)."""
-        if self.index < 0:
-            await self.text("")
-        await self.close()
-
-
 async def _stream(request: web.Request, body: MessagesRequest, ticket: Ticket, msg_id: str,
-                  scanner: CallScanner | None, stop):
+                  scanner: CallScanner | None, service):
     """The SSE answer, and its events (None: it ended with an error event)."""
     response = await sse.open_stream(request)
     async with sse.KeepAlive(response, PING) as stream:
-        events = await _events(stream.write, body, ticket, msg_id, scanner, stop)
+        events = await _events(stream.write, body, ticket, msg_id, scanner, service)
     if events is not None:
         await response.write_eof()
     return response, events
@@ -193,23 +138,23 @@ PING = sse.frame({"type": "ping"}, "ping")
 
 
 async def _events(write, body: MessagesRequest, ticket: Ticket, msg_id: str, scanner: CallScanner | None,
-                  stop) -> list | None:
-    """The whole event sequence, message_start to message_stop; the answer's Text and Call events
-    (None: it ended with an error event)."""
+                  service) -> list | None:
+    """The whole event sequence, message_start to message_stop; the answer's events (thinking,
+    text, calls), or None when it ended with an error event."""
     seq = ticket.seq
     start = _message(body, msg_id, [], ticket, final=False)
     await write(sse.frame({"type": "message_start", "message": start}, "message_start"))
-    blocks = _Blocks(write)
-    if scanner is None:
+    blocks = Blocks(write, service.info.fingerprint)
+    if scanner is None and not service.reasons:
         await blocks.text("")  # plain text: the block opens at once, before the first token
     await write(PING)
     answer = []
-    async for events in scanned(seq.stream(), scanner):
+    async for events in scanned(service.deltas(seq), scanner):
         answer += events
         await blocks.emit(events)
     finished = seq.finished
     if scanner and scanner.done:
-        stop(seq)  # stopped at a repeated call: free the slot, keep the KV
+        service.stop(seq)  # stopped at a repeated call: free the slot, keep the KV
     elif finished.reason not in STOP_REASONS:
         await write(sse.frame(anthropic_body(failure(finished)), "error"))
         return None

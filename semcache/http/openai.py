@@ -26,6 +26,7 @@ from semcache.http.openai_request import (  # noqa: F401  (re-exported: agents.p
 from semcache.http.body import decode_body
 from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
 from semcache.text.chat import reply_message
+from semcache.text.reasoning import Thinking
 from semcache.text.tools import (
     CallScanner,
     Text,
@@ -96,8 +97,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         scanners = [CallScanner(service.tool_format, tools, "call_") if tools else None for _ in seqs]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(request, seqs, head, include_usage, scanners, choice, service.stop)
-        answers = await asyncio.gather(*(_collect(seq, scanner, service.stop)
+            return await _stream(request, seqs, head, include_usage, scanners, choice, service)
+        answers = await asyncio.gather(*(_collect(seq, scanner, service)
                                          for seq, scanner in zip(seqs, scanners)))
         for seq, scanner in zip(seqs, scanners):
             if not (scanner and scanner.done) and seq.finished.reason not in FINISH_REASONS:
@@ -133,19 +134,22 @@ def _function_call(call: ToolCall) -> dict:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json()}}
 
 
-async def _collect(seq: Sequence, scanner: CallScanner | None, stop) -> list:
+async def _collect(seq: Sequence, scanner: CallScanner | None, service) -> list:
     """The answer's events; a scanner that is done (a repeated call) stops the sequence early."""
-    events = await collect(seq.stream(), scanner)
+    events = await collect(service.deltas(seq), scanner)
     if scanner is not None and scanner.done:
-        stop(seq)
+        service.stop(seq)
     return events
 
 
 def _message(events: list, scanner: CallScanner | None) -> dict:
     content = "".join(e.text for e in events if isinstance(e, Text))
+    thinking = "".join(e.text for e in events if isinstance(e, Thinking))
+    reasoning = {"reasoning_content": thinking} if thinking else {}  # a reasoning model's thinking
     if scanner is None:
-        return {"role": "assistant", "content": content, "refusal": None}
-    message = {"role": "assistant", "content": content or (None if scanner.calls else ""), "refusal": None}
+        return {"role": "assistant", "content": content, "refusal": None, **reasoning}
+    message = {"role": "assistant", "content": content or (None if scanner.calls else ""), "refusal": None,
+               **reasoning}
     if scanner.calls:
         message["tool_calls"] = [_function_call(c) for c in scanner.calls]
     return message
@@ -176,18 +180,18 @@ async def _start_choices(service, gen: Generation, n: int) -> list[Ticket]:
     return [task.result() for task in tasks]
 
 
-async def _merged(seqs: list[Sequence]):
-    """(choice index, text delta) as any choice produces one; (index, None) when that choice ends."""
+async def _merged(streams: list):
+    """(choice index, delta) as any choice produces one; (index, None) when that choice ends."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, seq: Sequence) -> None:
-        async for delta in seq.stream():
+    async def pump(index: int, deltas) -> None:
+        async for delta in deltas:
             queue.put_nowait((index, delta))
         queue.put_nowait((index, None))
 
-    tasks = [asyncio.create_task(pump(i, seq)) for i, seq in enumerate(seqs)]
+    tasks = [asyncio.create_task(pump(i, deltas)) for i, deltas in enumerate(streams)]
     try:
-        for _ in range(len(seqs)):
+        for _ in range(len(streams)):
             while True:
                 index, delta = await queue.get()
                 yield index, delta
@@ -215,7 +219,7 @@ def _deltas(events: list, scanner: CallScanner) -> list[dict]:
 
 
 async def _stream(request: web.Request, seqs: list[Sequence], head: dict, include_usage: bool,
-                  scanners: list[CallScanner | None], choice: ToolChoice, stop):
+                  scanners: list[CallScanner | None], choice: ToolChoice, service):
     response = await sse.open_stream(request)
     extra = {"usage": None} if include_usage else {}
 
@@ -226,9 +230,12 @@ async def _stream(request: web.Request, seqs: list[Sequence], head: dict, includ
     for index in range(len(seqs)):
         await response.write(chunk(index, {"role": "assistant", "content": ""}))
     stopped: set[int] = set()  # choices that ended at a repeated tool call
-    async for index, delta in _merged(seqs):
+    async for index, delta in _merged([service.deltas(seq) for seq in seqs]):
         scanner = scanners[index]
         if index in stopped:
+            continue
+        if isinstance(delta, Thinking):  # a reasoning model's thinking, as DeepSeek's API sends it
+            await response.write(chunk(index, {"reasoning_content": delta.text}))
             continue
         if delta is not None:
             for piece in _deltas(scanner.feed(delta), scanner) if scanner else [{"content": delta}]:
@@ -236,7 +243,7 @@ async def _stream(request: web.Request, seqs: list[Sequence], head: dict, includ
             if scanner is not None and scanner.done:
                 stopped.add(index)
                 await response.write(chunk(index, {}, _finish_reason(seqs[index], scanner, choice)))
-                stop(seqs[index])
+                service.stop(seqs[index])
             continue
         finished = seqs[index].finished
         if finished.reason not in FINISH_REASONS:

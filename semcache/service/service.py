@@ -23,6 +23,7 @@ from semcache.scheduler.sequence import Finished, FinishReason, Sequence
 from semcache.service.request import Generation, Ticket, charge, failure, refusal
 from semcache.service.turns import Turns
 from semcache.engine.toolformat import format_for
+from semcache.text.reasoning import ThinkSplitter, opens_thinking, reasoned, reasons
 from semcache.text.tools import Tool, ToolFormat
 
 # What the HTTP layer may know of the layers below, handed on here: the service is its only seam.
@@ -56,6 +57,7 @@ class Service:
         self._renderer: PromptRenderer | None = None
         self._grammars: Grammars | None = None  # per model: reset with the renderer on a swap
         self.turns = Turns(self)
+        self._reasons = False  # set with the renderer
 
     # What the HTTP layer reads and asks for -------------------------------------------------
 
@@ -134,6 +136,19 @@ class Service:
         return await self._render(self.renderer.render, messages, continue_final, generate, list(tools))
 
     @property
+    def reasons(self) -> bool:
+        """The model thinks before it answers (its template knows <think> tags)."""
+        _ = self.renderer  # made with the model, it settles whether the model reasons
+        return self._reasons
+
+    def deltas(self, seq: Sequence):
+        """The answer's text deltas; a reasoning model's thinking comes as Thinking pieces."""
+        if not self.reasons:
+            return seq.stream()
+        prompt_tail = self.engine.tokenizer.decode(seq.prompt_ids[-8:])
+        return reasoned(seq.stream(), ThinkSplitter(inside=opens_thinking(prompt_tail)))
+
+    @property
     def tool_format(self) -> ToolFormat:
         return self.renderer.tool_format
 
@@ -158,6 +173,7 @@ class Service:
         self.require_loaded()
         if self._renderer is None:
             self._renderer = PromptRenderer(self.engine.tokenizer, format_for(self.engine.tokenizer))
+            self._reasons = reasons(self.engine.tokenizer)
         return self._renderer
 
     async def _render(self, fn, *args):

@@ -231,9 +231,9 @@ async def collect(deltas: AsyncIterator[str], scanner: CallScanner | None) -> li
 def join_text(events: list[Text | Call]) -> list[Text | Call]:
     """The events with adjacent Text joined into one."""
     out: list[Text | Call] = []
-    for event in events:
-        if isinstance(event, Text) and out and isinstance(out[-1], Text):
-            out[-1] = Text(out[-1].text + event.text)
+    for event in events:  # Text, or another text event (a reasoning model's thinking) alike
+        if out and type(event) is type(out[-1]) and not isinstance(event, Call):
+            out[-1] = type(event)(out[-1].text + event.text)
         else:
             out.append(event)
     return out
@@ -241,8 +241,12 @@ def join_text(events: list[Text | Call]) -> list[Text | Call]:
 
 async def scanned(deltas: AsyncIterator[str], scanner: CallScanner | None) -> AsyncIterator[list[Text | Call]]:
     """Events of streamed text deltas: plain Text without a scanner; with one, its events, ending
-    early when the scanner is done (the rest of the answer is not read)."""
+    early when the scanner is done (the rest of the answer is not read). Items that are not text
+    (a reasoning model's thinking) pass through as events of their own."""
     async for delta in deltas:
+        if not isinstance(delta, str):
+            yield [delta]
+            continue
         events = scanner.feed(delta) if scanner else [Text(delta)]
         if events:
             yield events
