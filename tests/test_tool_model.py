@@ -80,3 +80,24 @@ def test_json_schema_response_format(oai):
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
     person = json.loads(resp.choices[0].message.content)
     assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+
+
+def test_tools_with_a_structured_output_get_a_call_or_schema_valid_json(oai):
+    """openai-agents sends tools and response_format together (an agent with a function tool and
+    an output_type): every answer is a valid call, or JSON matching the schema, never free text."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "summary": {"type": "string"}},
+              "required": ["city", "summary"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": WEATHER["name"], "description": WEATHER["description"],
+                                               "parameters": WEATHER["input_schema"]}}]
+    for question in ("What is the weather in Paris right now?", "Summarise: Paris is sunny today."):
+        resp = oai.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": question}], max_tokens=96, temperature=0, tools=tools,
+            parallel_tool_calls=False,
+            response_format={"type": "json_schema", "json_schema": {"name": "report", "schema": schema}})
+        message = resp.choices[0].message
+        if message.tool_calls:
+            assert resp.choices[0].finish_reason == "tool_calls"
+            assert isinstance(json.loads(message.tool_calls[0].function.arguments)["city"], str)
+        else:
+            report = json.loads(message.content)
+            assert set(report) == {"city", "summary"}

@@ -203,3 +203,20 @@ def test_hostile_tool_schemas_still_compile_or_fail_cleanly(grammars, schema):
         assert grammars.for_tools(FALLBACK, [Tool("t", "", schema)], ToolChoice("required")) is not None
     except GrammarError:
         pass  # the request gets a 400 naming tools
+
+
+def test_tools_with_a_json_answer_allow_a_call_or_the_json_only(tokenizer, grammars):
+    """tools + response_format (openai-agents' output_type): auto allows a valid call, or JSON
+    matching the schema; free text, invalid JSON and unknown tools are masked."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+    def union(mode="auto"):
+        return grammars.for_tools(FALLBACK, TOOLS, ToolChoice(mode), schema, json_answer=True)
+
+    assert walk(tokenizer, union(), call_text([ToolCall("1", "add", {"a": 1, "b": 2})]))
+    assert walk(tokenizer, union(), '{"n": 3}')
+    assert not walk(tokenizer, union(), "Sure, ")
+    assert not walk(tokenizer, union(), '{"n": "three"')
+    assert not walk(tokenizer, union(), '<tool_call>\n{"name": "nope"')
+    assert not walk(tokenizer, union("none"), "<tool_call>") and walk(tokenizer, union("none"), '{"n": 1}')
+    assert not walk(tokenizer, union("required"), '{"n": 1}')

@@ -178,8 +178,6 @@ def check(body: ChatRequest) -> None:
     if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema is None):
         raise invalid("response_format.json_schema.schema is required for type json_schema",
                       param="response_format.json_schema")
-    if fmt is not None and fmt.type != "text" and body.tools:
-        raise unsupported("response_format together with tools is", param="response_format")
 
 
 def response_json(body: ChatRequest) -> tuple[bool, dict | None]:

@@ -160,10 +160,10 @@ class Service:
         if self._grammars is None:
             self._grammars = Grammars(self.engine.tokenizer, self.engine.info.eos_token_ids)
         try:
-            if gen.json_mode:
+            if gen.json_mode and not gen.tools:
                 return await asyncio.to_thread(self._grammars.compile, json_grammar(gen.json_schema))
             return await asyncio.to_thread(self._grammars.for_tools, self.tool_format, list(gen.tools),
-                                           gen.tool_choice)
+                                           gen.tool_choice, gen.json_schema, gen.json_mode)
         except GrammarError as exc:
             where = "response_format.json_schema.schema" if gen.json_mode else "tools"
             raise invalid(f"{where} cannot be enforced: {exc}", param=where) from None

@@ -78,9 +78,29 @@ def tool_grammar(fmt: ToolFormat, tools: list[Tool], choice: ToolChoice, loose: 
 
 def json_grammar(schema: dict | None) -> str:
     """OpenAI response_format: any JSON object, or one matching `schema`."""
+    return f"start: %json {json.dumps(_answer_schema(schema))}\n"
+
+
+def _answer_schema(schema: dict | None) -> dict:
     schema = dict(schema) if schema else {"type": "object"}
     schema.setdefault("x-guidance", {"whitespace_flexible": True})
-    return f"start: %json {json.dumps(schema)}\n"
+    return schema
+
+
+def tool_or_json_grammar(fmt: ToolFormat, tools: list[Tool], choice: ToolChoice, schema: dict | None,
+                         loose: bool = False) -> str:
+    """Tools and response_format together (an agent with tools and a structured output, as
+    openai-agents sends): the answer is a tool call, or JSON matching `schema`; never free text.
+    tool_choice none leaves only the JSON; required or a named tool leaves only the call."""
+    if choice.mode == "none":
+        return json_grammar(schema)
+    if choice.mode != "auto":
+        return tool_grammar(fmt, tools, choice, loose) or json_grammar(schema)
+    answer = f"answer: %json {json.dumps(_answer_schema(schema))}\n"
+    if not fmt.json_body:
+        return f"start: call | answer\ncall: {_literal(fmt.start)} REST\nREST: /(?s:.*)/\n" + answer
+    forced = tool_grammar(fmt, tools, ToolChoice("required", None, choice.parallel), loose)
+    return forced.replace("start:", "call:", 1) + "start: call | answer\n" + answer
 
 
 class Constraint:
@@ -138,13 +158,19 @@ class Grammars:
             raise GrammarError(error.splitlines()[0] if error else "invalid grammar")
         return Constraint(matcher, ll.vocab_size)
 
-    def for_tools(self, fmt: ToolFormat, tools: list[Tool], choice: ToolChoice) -> Constraint | None:
-        """The constraint enforcing `choice`; a tool schema llguidance cannot compile falls back to
-        'an object with the required keys' rather than failing the request."""
-        grammar = tool_grammar(fmt, tools, choice)
-        if grammar is None:
+    def for_tools(self, fmt: ToolFormat, tools: list[Tool], choice: ToolChoice,
+                  answer_schema: dict | None = None, json_answer: bool = False) -> Constraint | None:
+        """The constraint enforcing `choice` (with `json_answer`: a call, or JSON matching
+        `answer_schema`); a tool schema llguidance cannot compile falls back to 'an object with the
+        required keys' rather than failing the request."""
+        def grammar(loose: bool) -> str | None:
+            if json_answer:
+                return tool_or_json_grammar(fmt, tools, choice, answer_schema, loose)
+            return tool_grammar(fmt, tools, choice, loose)
+
+        if grammar(False) is None:
             return None
         try:
-            return self.compile(grammar)
+            return self.compile(grammar(False))
         except GrammarError:
-            return self.compile(tool_grammar(fmt, tools, choice, loose=True))
+            return self.compile(grammar(True))
