@@ -9,8 +9,8 @@ TEST_DEBS = $(SERVE_DEBS) curl nginx prometheus systemd
 # Claude Code, the agent client the end-to-end tests drive: its Linux binary ships inside an npm
 # registry package, installed outside the repository (perf/agents_cc/claude.py looks here too).
 CLAUDE_CODE_VERSION = 2.1.328
-export SEMCACHE_TOOLS_DIR ?= $(HOME)/.cache/semcache-tools
-CLAUDE = $(SEMCACHE_TOOLS_DIR)/claude-code/node_modules/.bin/claude
+export AGENT_TOOLS_DIR ?= $(HOME)/.cache/semcache-tools
+CLAUDE = $(AGENT_TOOLS_DIR)/claude-code/node_modules/.bin/claude
 
 .PHONY: setup test-setup serve test test-fast perf
 
@@ -33,7 +33,7 @@ test-setup: setup
 	$(call debs,$(TEST_DEBS))
 	@if [ "$$($(CLAUDE) --version 2>/dev/null | cut -d' ' -f1)" != "$(CLAUDE_CODE_VERSION)" ]; then \
 		if command -v npm >/dev/null; then \
-			npm install --prefix $(SEMCACHE_TOOLS_DIR)/claude-code --no-audit --no-fund --loglevel=error \
+			npm install --prefix $(AGENT_TOOLS_DIR)/claude-code --no-audit --no-fund --loglevel=error \
 				@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION); \
 		else echo "WARNING: npm is missing, so the Claude Code tests will fail; run: sudo apt-get install npm"; fi; \
 	fi

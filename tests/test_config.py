@@ -2,7 +2,7 @@
 
 import pytest
 
-from semcache.ops.config import ConfigError, load_config, parse_size
+from semcache.ops.config import Config, ConfigError, load_config, parse_size
 
 
 class TestConfig:
@@ -59,3 +59,14 @@ class TestConfig:
 
         path = Path(__file__).parent.parent / "config" / "semcache.toml"
         load_config(path, environ={})
+
+
+def test_the_makefile_exports_no_semcache_variable_that_is_not_a_config_key():
+    """Every SEMCACHE_* variable in the environment is read as a config key (unknown ones stop the
+    daemon with exit 2), and `make test` runs every test daemon with the Makefile's exports."""
+    import re
+    from pathlib import Path
+
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    exported = re.findall(r"^export\s+SEMCACHE_(\w+)", makefile, re.M)
+    assert all(name.lower() in Config.__struct_fields__ for name in exported), exported

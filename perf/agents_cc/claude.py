@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 VERSION = "2.1.328"
-TOOLS_DIR = Path(os.environ.get("SEMCACHE_TOOLS_DIR", Path.home() / ".cache" / "semcache-tools"))
+TOOLS_DIR = Path(os.environ.get("AGENT_TOOLS_DIR", Path.home() / ".cache" / "semcache-tools"))
 INSTALL = (f"npm install --prefix {TOOLS_DIR / 'claude-code'} @anthropic-ai/claude-code@{VERSION}"
            "   (or: make test-setup)")
 
