@@ -89,8 +89,9 @@ class TestFormatting:
 class TestMocked:
     def test_agents_ls_table(self, mocked, capsys):
         """agents ls prints a header row and one aligned row per entry."""
-        second = {**ENTRY, "agent_id": "b", "tier": "disk", "tokens": 5, "bytes": 512}
-        mocked.get(URL_ + "/v1/agents", payload={"object": "list", "data": [ENTRY, second]})
+        entry = {**ENTRY, "last_use": time.time() - 300}  # not NOW: the whole suite may take minutes
+        second = {**entry, "agent_id": "b", "tier": "disk", "tokens": 5, "bytes": 512}
+        mocked.get(URL_ + "/v1/agents", payload={"object": "list", "data": [entry, second]})
         assert cli("agents", "ls") == 0
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].split() == ["AGENT", "TIER", "TOKENS", "SIZE", "LAST", "USE"]
