@@ -55,7 +55,7 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
 
 
 def should_retry(status: int) -> bool:
-    return status in (429, 503, 529) or status >= 500
+    return status == 429 or status >= 500  # 503 and 529 included
 
 
 @web.middleware

@@ -50,8 +50,10 @@ class KVBudget:
         context). The caller preempts the first and ends the second."""
         preempt, stuck = [], []
         running = self.running
-        for seq in sorted(running.seqs.values(), key=_age):
-            if seq in preempt or len(seq.feed_ids) + 1 <= seq.kv_tokens:
+        # Runs every step: only sequences whose next token would pass their reservation do work.
+        needy = [s for s in running.seqs.values() if s.num_prompt_tokens + s.num_output_tokens + 1 > s.kv_tokens]
+        for seq in sorted(needy, key=_age):
+            if seq in preempt:
                 continue
             tokens = self.tokens_for(seq)
             extra = self.bytes(tokens - seq.kv_tokens)
