@@ -19,7 +19,7 @@ from semcache.http.anthropic_request import (  # noqa: F401  (re-exported: agent
     parse_tools,
 )
 from semcache.ops.errors import anthropic_body
-from semcache.http.identity import compacted, identity, is_background, note_usage, priority, rate_key
+from semcache.http.identity import caller, note_usage
 from semcache.http.appkeys import SERVICE
 from semcache.http.body import decode_body
 from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
@@ -82,21 +82,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = decode_body(await request.read(), messages_decoder)
     sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k)
-    tenant, agent = identity(request)
+    who = caller(request, body.priority)
     tools, choice = parse_tools(body)
     gen = Generation(
+        **who,
         messages=chat_messages(body),
         max_tokens=body.max_tokens,
         sampling=sampling,
         stop=tuple(body.stop_sequences or ()),
-        priority=priority(request, body.priority),
         continue_final=True,  # Anthropic "prefill": the answer continues a final assistant turn
-        tenant=tenant,
-        agent=agent,
-        background=is_background(request),
-        fresh_start=compacted(request),
         breakpoint=breakpoint_messages(body),
-        rate_key=rate_key(request),
         tools=tuple(tools),
         tool_choice=choice,
     )

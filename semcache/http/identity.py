@@ -60,6 +60,14 @@ def identity(request: web.Request) -> tuple[str, str | None]:
     return tenant, None
 
 
+def caller(request: web.Request, body_priority: int | None) -> dict:
+    """The Generation fields both dialects read from the request alike: who is asking (tenant,
+    agent, whose rate limit), how urgent it is, and the client's lifecycle hints."""
+    tenant, agent = identity(request)
+    return {"tenant": tenant, "agent": agent, "priority": priority(request, body_priority),
+            "rate_key": rate_key(request), "background": is_background(request), "fresh_start": compacted(request)}
+
+
 def compacted(request: web.Request) -> bool:
     """The client has just compacted this agent's context (x-claude-code-context-compacted)."""
     return request.headers.get(COMPACTED_HEADER, "").strip().lower() not in ("", "0", "false")

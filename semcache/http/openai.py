@@ -11,7 +11,7 @@ from aiohttp import web
 
 from semcache.http import sse
 from semcache.ops.errors import invalid, openai_body
-from semcache.http.identity import compacted, identity, is_background, note_usage, priority, rate_key
+from semcache.http.identity import caller, note_usage
 from semcache.http.appkeys import SERVICE
 from semcache.http.openai_request import (  # noqa: F401  (re-exported: agents.py, tests)
     MAX_CHOICES,
@@ -63,21 +63,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = body.max_completion_tokens or body.max_tokens or service.config.default_max_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k, body.seed)
-    tenant, agent = identity(request)
+    who = caller(request, body.priority)
     tools, choice = parse_tools(body)
     json_mode, json_schema = response_json(body)
     gen = Generation(
+        **who,
         messages=chat_messages(body),
         max_tokens=max_tokens,
         sampling=sampling,
         stop=stop,
-        priority=priority(request, body.priority),
         continue_final=body.continue_final_message,
-        tenant=tenant,
-        agent=agent,
-        background=is_background(request),
-        fresh_start=compacted(request),
-        rate_key=rate_key(request),
         tools=tuple(tools),
         tool_choice=choice,
         json_mode=json_mode,
