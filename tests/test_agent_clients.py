@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from perf.agents_cc.recorder import parse_answer
 from semcache.http import sse
 from semcache.http.appkeys import SERVICE
 from tests.conftest import FakeEngine
@@ -270,7 +271,8 @@ class TestRecordedTraffic:
         for i, recorded in enumerate(traffic):
             headers = {k: v for k, v in recorded["headers"].items() if k != "user-agent"}
             r = await client.post(recorded["path"], json=recorded["body"], headers=headers)
-            data = await (r.json() if not recorded["body"].get("stream") or r.status != 200 else _sse_usage(r))
+            data = await r.json() if not recorded["body"].get("stream") or r.status != 200 else \
+                parse_answer(await r.read())["usage"]
             assert r.status == recorded["status"], (i, recorded["label"], data)
             if r.status != 200:
                 assert _shape(data["error"]["message"]) == recorded["error"], (i, data)
@@ -287,15 +289,3 @@ RECORDED = Path(__file__).parent / "data" / "claude-code-2.1.328.json"
 
 def _shape(message: str) -> str:
     return re.sub(r"\d+", "N", message)
-
-
-async def _sse_usage(response) -> dict:
-    usage = {}
-    for line in (await response.text()).splitlines():
-        if line.startswith("data: "):
-            event = json.loads(line[6:])
-            if event.get("type") == "message_start":
-                usage |= event["message"]["usage"]
-            elif event.get("type") == "message_delta":
-                usage |= event.get("usage") or {}
-    return usage

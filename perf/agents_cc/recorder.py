@@ -77,13 +77,13 @@ class Recorder:
                         record["ttft_s"] = time.perf_counter() - start
                     body += chunk
                     await response.write(chunk)
-        record |= {"status": upstream.status, "seconds": time.perf_counter() - start} | _answer(bytes(body))
+        record |= {"status": upstream.status, "seconds": time.perf_counter() - start} | parse_answer(bytes(body))
         self.records.append(record)
         await response.write_eof()
         return response
 
 
-def _answer(raw: bytes) -> dict:
+def parse_answer(raw: bytes) -> dict:
     """Usage and error message of a JSON or SSE answer (Anthropic dialect)."""
     if raw.lstrip().startswith(b"{"):
         data = json.loads(raw)
