@@ -77,7 +77,7 @@ def default_mode(rec: Recorder, work: Path) -> dict:
     result = claude.run(rec.base, work / "home-default", ["-p", "Say hello.", "--model", "local"], cwd=work)
     requests = rec.records[start:]
     return {"returncode": result.returncode, "printed": (result.stdout + result.stderr).strip()[:600],
-            "requests": [_brief(r) for r in requests]}
+            "requests": [brief(r) for r in requests]}
 
 
 def session(rec: Recorder, work: Path, turns: int, max_output: int, name: str) -> dict:
@@ -89,13 +89,13 @@ def session(rec: Recorder, work: Path, turns: int, max_output: int, name: str) -
                             max_output=max_output, cwd=work)
         requests = rec.records[start:]
         out.append({"turn": i + 1, "returncode": result.returncode, "answer": result.stdout.strip()[:300],
-                    "requests": [_brief(r) for r in requests], "bodies": [r["body"] for r in requests]})
+                    "requests": [brief(r) for r in requests], "bodies": [r["body"] for r in requests]})
     for prev, turn in zip(out, out[1:]):
-        turn["reuse"] = _reuse(prev["requests"][-1], turn["requests"][0]) if prev["requests"] and turn["requests"] else None
+        turn["reuse"] = reuse(prev["requests"][-1], turn["requests"][0]) if prev["requests"] and turn["requests"] else None
     return {"session": "scrubbed", "turns": out}
 
 
-def _brief(r: dict) -> dict:
+def brief(r: dict) -> dict:
     usage = r.get("usage") or {}
     return {"path": r["path"], "status": r["status"], "error": r.get("error"), "ttft_s": rounded(r.get("ttft_s")),
             "seconds": rounded(r["seconds"]), "stop_reason": r.get("stop_reason"),
@@ -103,7 +103,7 @@ def _brief(r: dict) -> dict:
             "cached_tokens": usage.get("cache_read_input_tokens"), "output_tokens": usage.get("output_tokens")}
 
 
-def _reuse(prev: dict, first: dict) -> dict:
+def reuse(prev: dict, first: dict) -> dict:
     """How much of the previous turn's last request (prompt and reply) this turn read back."""
     sent = (prev["prompt_tokens"] or 0) + (prev["output_tokens"] or 0)
     return {"previous_prompt_and_reply": sent, "cached": first["cached_tokens"],

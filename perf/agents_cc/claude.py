@@ -35,17 +35,23 @@ class Result:
     stderr: str
 
 
+def environment(base_url: str, home: Path, max_output: int) -> dict[str, str]:
+    """The environment Claude Code runs in (the CLI here, or under the Claude Agent SDK): this
+    process's, less any ANTHROPIC_/CLAUDE_ setting, pointed at `base_url` with a throw-away HOME,
+    no telemetry or other traffic, and replies capped at `max_output` tokens."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    return env | {"HOME": str(home), "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "semcache-local",
+                  "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                  "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_output)}
+
+
 def run(base_url: str, home: Path, args: list[str], max_output: int = 64, timeout: float = 900,
         cwd: Path | None = None) -> Result:
     """`claude -p ...` against `base_url`. CLAUDE_CODE_MAX_OUTPUT_TOKENS caps each reply, since a
     small local model may never stop on its own (Claude Code asks for 32,000 tokens)."""
     home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
-    env |= {"HOME": str(home), "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "semcache-local",
-            "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_output)}
-    proc = subprocess.run([str(binary()), *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=cwd or home, stdin=subprocess.DEVNULL)
+    proc = subprocess.run([str(binary()), *args], capture_output=True, text=True, timeout=timeout,
+                          env=environment(base_url, home, max_output), cwd=cwd or home, stdin=subprocess.DEVNULL)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
