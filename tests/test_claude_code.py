@@ -33,7 +33,8 @@ def test_default_mode_gets_the_overflow_error_it_understands(report):
 
 
 def test_a_bare_session_answers_every_request(report):
-    """A 3-turn --bare --tools Read session (--session-id, then --resume): every request is a 200.
+    """A 3-turn --bare --tools Read session (--session-id, then --resume), a `/compact` turn and a
+    turn after it: every request is a 200.
     A turn may still end with the client's own error when the 135M model rambles past
     CLAUDE_CODE_MAX_OUTPUT_TOKENS (Claude Code retries a max_tokens stop, then gives up); any
     other failure of the client is a failure here."""
@@ -44,11 +45,20 @@ def test_a_bare_session_answers_every_request(report):
 
 
 def test_each_turn_reads_back_what_the_previous_turn_sent(report):
-    """The first request of turns 2 and 3 reads from cache at least 98 % of the tokens the previous
-    turn's last request had as prompt and reply."""
-    turns = report["sessions"][0]["turns"]
-    for turn in turns[1:]:
-        assert turn["reuse"]["fraction"] >= 0.98, turn["reuse"]
+    """The first request of turns 2 and 3 (and of the `/compact` turn) reads from cache at least
+    98 % of the tokens the previous turn's last request had as prompt and reply."""
+    turns = [t for t in report["sessions"][0]["turns"][1:] if t["kind"] != "after compaction"]
+    assert [t["kind"] for t in turns] == ["turn 2", "turn 3", "compaction"]
+    for turn in turns:
+        assert turn["reuse"]["fraction"] >= 0.98, turn
+
+
+def test_after_a_compaction_the_shared_prefix_is_still_read(report):
+    """The turn after `/compact` sends a summary in place of the history: it still reads at least
+    90 % of the system and tool prefix it shares with the session's first request."""
+    after = report["sessions"][0]["turns"][-1]
+    assert after["kind"] == "after compaction" and all(r["status"] == 200 for r in after["requests"])
+    assert after["reuse"]["shared_tokens"] > 100 and after["reuse"]["fraction"] >= 0.9, after["reuse"]
 
 
 def test_a_second_session_reads_the_shared_system_and_tool_prefix(report):

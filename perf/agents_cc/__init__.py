@@ -6,10 +6,13 @@ python -m perf agents-cc --out report.json [--turns 3] [--max-output 64]
 Three runs of the real client, through a recording proxy:
 - default mode (`claude -p "Say hello." --model local`): its ~77 KB, 12-tool request cannot fit an
   8K context, so the client must get (and print) the overflow error it understands;
-- a `--bare --tools Read` session of `turns` turns (`--session-id`, then `--resume`);
+- a `--bare --tools Read` session of `turns` turns (`--session-id`, then `--resume`), then a
+  `/compact` turn and one more turn on the compacted history;
 - a second session, whose billing line differs, for the shared system and tool prefix.
 Per turn: TTFT, prompt tokens and cached tokens of its first request, and the share of what the
-previous turn's last request sent and received that was read back from cache.
+previous turn's last request sent and received that was read back from cache (for the turn after
+the compaction, whose history was replaced by a summary: the share of the system and tool prefix
+it still shares with the session's first request).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def run(out: Path | None, turns: int = 3, max_output: int = 64, record: Path | N
         (work / "notes.txt").write_text(NOTES)
         with servers.daemon(work, "agents-cc", {}) as daemon, Recorder(daemon.base) as rec:
             default = default_mode(rec, work)
-            first = session(rec, work, turns, max_output, "bare session")
+            first = session(rec, work, turns, max_output, "bare session", compact=True)
             second = session(rec, work, 1, max_output, "second session")
             if record is not None:
                 save_traffic(record, rec.records)
@@ -80,18 +83,27 @@ def default_mode(rec: Recorder, work: Path) -> dict:
             "requests": [brief(r) for r in requests]}
 
 
-def session(rec: Recorder, work: Path, turns: int, max_output: int, name: str) -> dict:
-    """One Claude Code session of `turns` turns; its requests grouped by turn."""
+def session(rec: Recorder, work: Path, turns: int, max_output: int, name: str, compact: bool = False) -> dict:
+    """One Claude Code session of `turns` turns (then, with `compact`, a `/compact` turn and a turn
+    after it); its requests grouped by turn."""
     sid, home, out = str(uuid.uuid4()), work / f"home-{uuid.uuid4().hex[:8]}", []
-    for i in range(turns):
-        start, rec.label = len(rec.records), f"{name} turn {i + 1}"
-        result = claude.run(rec.base, home, claude.bare(PROMPTS[i % len(PROMPTS)], sid, resume=i > 0),
-                            max_output=max_output, cwd=work)
+    steps = [(f"turn {i + 1}", claude.bare(PROMPTS[i % len(PROMPTS)], sid, resume=i > 0)) for i in range(turns)]
+    if compact:
+        steps += [("compaction", claude.bare("/compact", sid, resume=True)),
+                  ("after compaction", claude.bare(PROMPTS[turns % len(PROMPTS)], sid, resume=True))]
+    for i, (kind, args) in enumerate(steps):
+        start, rec.label = len(rec.records), f"{name} {kind}"
+        result = claude.run(rec.base, home, args, max_output=max_output, cwd=work)
         requests = rec.records[start:]
-        out.append({"turn": i + 1, "returncode": result.returncode, "answer": result.stdout.strip()[:300],
+        out.append({"turn": i + 1, "kind": kind, "returncode": result.returncode, "answer": result.stdout.strip()[:300],
                     "requests": [brief(r) for r in requests], "bodies": [r["body"] for r in requests]})
     for prev, turn in zip(out, out[1:]):
-        turn["reuse"] = reuse(prev["requests"][-1], turn["requests"][0]) if prev["requests"] and turn["requests"] else None
+        if not (prev["requests"] and turn["requests"]):
+            turn["reuse"] = None
+        elif turn["kind"] == "after compaction":
+            turn["reuse"] = prefix_reuse(out[0]["bodies"][0], turn["bodies"][0], turn["requests"][0])
+        else:
+            turn["reuse"] = reuse(prev["requests"][-1], turn["requests"][0])
     return {"session": "scrubbed", "turns": out}
 
 
@@ -111,24 +123,32 @@ def reuse(prev: dict, first: dict) -> dict:
 
 
 def shared_prefix(first: dict, second: dict) -> dict:
-    """Tokens the two sessions' first prompts share (rendered here exactly as the daemon renders
-    them), and how many of those the second session read from cache."""
+    """Tokens the two sessions' first prompts share, and how many of those the second session read
+    from cache."""
+    return prefix_reuse(first["turns"][0]["bodies"][0], second["turns"][0]["bodies"][0],
+                        second["turns"][0]["requests"][0])
+
+
+def prefix_reuse(earlier_body: dict, body: dict, request: dict) -> dict:
+    """Tokens two requests' prompts share (rendered here exactly as the daemon renders them), and
+    how many of those the later `request` read from cache."""
     from perf.agents_cc.render import render_ids
     from semcache.cache.entry import common_prefix
 
-    a, b = (render_ids(s["turns"][0]["bodies"][0]) for s in (first, second))
-    shared = common_prefix(a, b)
-    cached = second["turns"][0]["requests"][0]["cached_tokens"] or 0
+    shared = common_prefix(render_ids(earlier_body), render_ids(body))
+    cached = request["cached_tokens"] or 0
     return {"shared_tokens": shared, "cached": cached, "fraction": rounded(cached / shared) if shared else None}
 
 
 def summary(report: dict) -> dict:
     turns = report["sessions"][0]["turns"]
     statuses = [r["status"] for s in report["sessions"] for t in s["turns"] for r in t["requests"]]
-    fractions = [t["reuse"]["fraction"] for t in turns[1:] if t.get("reuse")]
+    fractions = [t["reuse"]["fraction"] for t in turns[1:] if t.get("reuse") and t["kind"] != "after compaction"]
+    after = [t["reuse"]["fraction"] for t in turns if t["kind"] == "after compaction" and t.get("reuse")]
     default = report["default_mode"]["requests"]
     return {"default_mode_overflow_printed": "Prompt is too long" in report["default_mode"]["printed"],
             "default_mode_errors": sorted({r["error"] for r in default if r["error"]}),
             "session_statuses": sorted(set(statuses)), "min_turn_reuse": min(fractions) if fractions else None,
             "turn_reuse": fractions, "shared_prefix_fraction": report["shared_prefix"]["fraction"],
+            "after_compaction_prefix_fraction": after[0] if after else None,
             "ttft_s_by_turn": [t["requests"][0]["ttft_s"] if t["requests"] else None for t in turns]}
