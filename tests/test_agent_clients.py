@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from perf.agents_cc.recorder import parse_answer
+from perf.common import sse_event
 from semcache.http import sse
 from semcache.http.appkeys import SERVICE
 from tests.conftest import FakeEngine
@@ -244,6 +245,32 @@ class TestCanonicalReplies:
         assert metrics.replies_retokenized._value.get() == 1 and metrics.replies_checked._value.get() >= 1
         assert uncached <= new_turn, (uncached, new_turn)
         assert not engine.prefix_errors
+
+    async def test_an_openai_streamed_reply_is_read_back_whole(self, make_client, tokenizer):
+        """The same for a streamed OpenAI answer: its reply, gathered from the chunks, is checked
+        and prefilled in canonical form once the stream ends."""
+        engine = FakeEngine(tokenizer)
+        engine.reply_ids = [tokenizer.encode(ch, add_special_tokens=False)[0] for ch in self.REPLY] + [2]
+        client = await make_client(engine=engine)
+        service = client.app[SERVICE]
+        messages = [{"role": "system", "content": SYSTEM[0]["text"]}, {"role": "user", "content": "Capital of France?"}]
+
+        async def turn(messages: list) -> tuple[str, dict]:
+            r = await client.post("/v1/chat/completions", headers={"X-Agent-ID": "canon-oai"}, json={
+                "model": "m", "max_tokens": 64, "messages": messages, "stream": True,
+                "stream_options": {"include_usage": True}})
+            chunks = [c for c in map(sse_event, (await r.read()).split(b"\n")) if c]
+            return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]), chunks[-1]["usage"]
+
+        reply, _ = await turn(messages)
+        while service.turns.tasks:
+            await asyncio.gather(*list(service.turns.tasks))
+        await service.scheduler.wait_idle()
+        _, usage = await turn([*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": "And of Spain?"}])
+        new_turn = len(tokenizer.encode("<|im_start|>user\nAnd of Spain?<|im_end|>\n<|im_start|>assistant\n",
+                                        add_special_tokens=False))
+        assert reply == self.REPLY and service.turns.num_canonical == 1
+        assert usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"] <= new_turn, usage
 
     async def test_a_canonical_reply_needs_no_extra_prefill(self, make_client, tokenizer):
         """When the generated tokens are what the next turn renders, nothing extra runs."""

@@ -92,7 +92,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         scanners = [CallScanner(service.tool_format, tools, "call_") if tools else None for _ in seqs]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(request, seqs, head, include_usage, scanners, choice, service)
+            response, answer = await _stream(request, seqs, head, include_usage, scanners, choice, service)
+            if answer is not None and len(tickets) == 1:
+                service.turn_done(tickets[0], gen, reply_message(answer))
+            return response
         answers = await asyncio.gather(*(_collect(seq, scanner, service)
                                          for seq, scanner in zip(seqs, scanners)))
         for seq, scanner in zip(seqs, scanners):
@@ -197,7 +200,7 @@ async def _merged(streams: list):
             task.cancel()
 
 
-def _deltas(events: list, scanner: CallScanner) -> list[dict]:
+def _deltas(events: list, scanner: CallScanner | None) -> list[dict]:
     """Chunk deltas for scanned events: text as content; a call as its first fragment (index, id,
     type, name, empty arguments), then its arguments."""
     out = []
@@ -215,7 +218,9 @@ def _deltas(events: list, scanner: CallScanner) -> list[dict]:
 
 async def _stream(request: web.Request, seqs: list[Sequence], head: dict, include_usage: bool,
                   scanners: list[CallScanner | None], choice: ToolChoice, service):
+    """The SSE answer, and the first choice's events (None: it ended with an error event)."""
     response = await sse.open_stream(request)
+    answer: list = []
     extra = {"usage": None} if include_usage else {}
 
     def chunk(index: int, delta: dict, finish_reason: str | None = None) -> bytes:
@@ -233,7 +238,9 @@ async def _stream(request: web.Request, seqs: list[Sequence], head: dict, includ
             await response.write(chunk(index, {"reasoning_content": delta.text}))
             continue
         if delta is not None:
-            for piece in _deltas(scanner.feed(delta), scanner) if scanner else [{"content": delta}]:
+            events = scanner.feed(delta) if scanner else [Text(delta)]
+            answer += events if index == 0 else []
+            for piece in _deltas(events, scanner):
                 await response.write(chunk(index, piece))
             if scanner is not None and scanner.done:
                 stopped.add(index)
@@ -243,15 +250,17 @@ async def _stream(request: web.Request, seqs: list[Sequence], head: dict, includ
         finished = seqs[index].finished
         if finished.reason not in FINISH_REASONS:
             await response.write(sse.frame(openai_body(failure(finished))))
-            return response
-        for piece in _deltas(scanner.flush(), scanner) if scanner else []:
+            return response, None
+        events = scanner.flush() if scanner else []
+        answer += events if index == 0 else []
+        for piece in _deltas(events, scanner):
             await response.write(chunk(index, piece))
         await response.write(chunk(index, {}, _finish_reason(seqs[index], scanner, choice)))
     if include_usage:
         await response.write(sse.frame({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(seqs)}))
     await response.write(sse.DONE)
     await response.write_eof()
-    return response
+    return response, answer
 
 
 def model_object(model_id: str) -> dict:
