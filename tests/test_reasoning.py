@@ -111,6 +111,8 @@ async def test_dropped_thinking_still_lets_the_next_turn_read_back_all_it_sent(c
                                     add_special_tokens=False))
     assert service.turns.num_canonical == 1
     assert usage["input_tokens"] + usage["cache_creation_input_tokens"] <= new_turn
+    divergence = service.scheduler.metrics.reply_divergence  # where: at the reply's very first token
+    assert divergence._sum.get() == 0 and sum(b.get() for b in divergence._buckets) == 1
 
 
 def test_the_splitter_holds_back_a_partial_tag():
