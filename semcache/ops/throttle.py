@@ -18,7 +18,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 AUTH_BURST = 10  # failures an address may have at once ...
 AUTH_PER_MINUTE = 10  # ... and then this many a minute
-MAX_ADDRESSES = 4096  # addresses tracked at most (about 1 MB)
+MAX_ADDRESSES = 4096  # addresses tracked at most (about 1.3 MB, measured with tracemalloc)
 
 
 def parse_networks(items: Iterable[str], key: str = "trusted_proxies") -> tuple[Network, ...]:
