@@ -47,6 +47,24 @@ def check_exposure(config: Config) -> str | None:
             "or pass --allow-unauthenticated")
 
 
+def check_auth(config: Config) -> str | None:
+    """An error when keys are configured but none would be in force (auth would be off), or a key
+    setting is malformed."""
+    from semcache.ops.tenants import KeyRing
+    from semcache.ops.throttle import parse_networks
+
+    try:
+        KeyRing(config.api_keys, config.api_keys_file)
+        parse_networks(config.trusted_proxies)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    if config.metrics_key == "":
+        return "metrics_key is empty: unset it or give the scraper's key"
+    if config.metrics_key and config.metrics_public:
+        return "metrics_key and metrics_public = true contradict each other: set one of them"
+    return None
+
+
 async def serve(config: Config) -> int:
     """Bind first, then load the model in the background; exit 0 on SIGTERM/SIGINT, 1 if loading fails."""
     from aiohttp import web
@@ -134,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.api_keys_file and not os.access(os.path.expanduser(config.api_keys_file), os.R_OK):
         print(f"semcache: api_keys_file {config.api_keys_file} cannot be read", file=sys.stderr)
         return 2
-    exposure = check_exposure(config)
-    if exposure:
-        print(f"semcache: {exposure}", file=sys.stderr)
+    refusal = check_auth(config) or check_exposure(config)
+    if refusal:
+        print(f"semcache: {refusal}", file=sys.stderr)
         return 2
     logs.setup(config.log_level, config.log_format)
     try:

@@ -165,6 +165,12 @@ class TestMocked:
         assert cli("health") == 0
         assert capsys.readouterr().out.strip() == "ok: model fake-model, 2 active, 0 queued"
 
+    def test_health_without_counts(self, mocked, capsys):
+        """Without a valid key (API keys configured) the daemon leaves the counts out: so does health."""
+        mocked.get(URL_ + "/health/ready", payload={"status": "ok", "model": "fake-model"})
+        assert cli("health") == 0
+        assert capsys.readouterr().out.strip() == "ok: model fake-model"
+
     def test_health_503(self, mocked, capsys):
         """health exits 1 on 503 and still prints the status (starting, draining, queue_full)."""
         mocked.get(URL_ + "/health/ready", status=503, payload={**READY, "status": "starting", "model": None})

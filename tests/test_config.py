@@ -32,6 +32,14 @@ class TestConfig:
         assert c.kv_budget == 512 << 20
         assert c.api_keys == ["a", "b"]
 
+    def test_env_lists_keep_empty_items(self):
+        """An empty item in a comma-separated list is kept (and refused later), never dropped: a
+        set SEMCACHE_API_KEYS of "," or "" must not read as "no keys configured"."""
+        assert load_config(environ={"SEMCACHE_API_KEYS": ","}).api_keys == ["", ""]
+        assert load_config(environ={"SEMCACHE_API_KEYS": ""}).api_keys == [""]
+        c = load_config(environ={"SEMCACHE_TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8"})
+        assert c.trusted_proxies == ["127.0.0.1", "10.0.0.0/8"] and c.metrics_key is None
+
     def test_config_file_from_env(self, tmp_path):
         """SEMCACHE_CONFIG names the file when --config is not given."""
         f = tmp_path / "c.toml"

@@ -11,7 +11,8 @@ import anthropic
 import openai
 import pytest
 
-from semcache.__main__ import check_exposure, main
+from semcache.__main__ import check_auth, check_exposure, main
+from semcache.ops import logs
 from semcache.http.app import make_app
 from semcache.ops.config import Config
 from semcache.ops.logs import JsonFormatter
@@ -84,6 +85,71 @@ class TestKeys:
             ring.reload()
         assert ring.tenant("new") == "alpha"
 
+    def test_keys_configured_but_none_in_force_stop_the_start(self, tmp_path, monkeypatch, capsys):
+        """A keys file of only comments, or api_keys holding only empty strings (SEMCACHE_API_KEYS=","),
+        would leave auth off: `serve` exits 2 and says why, instead of serving 0.0.0.0 unauthenticated."""
+        monkeypatch.setattr(logs, "setup", lambda *a: pytest.fail("the daemon went on to serve"))
+        keys = tmp_path / "keys"
+        keys.write_text("# nobody yet\n\n")
+        with pytest.raises(ValueError, match="no keys"):
+            KeyRing([], str(keys))
+        with pytest.raises(ValueError, match="empty"):
+            KeyRing([""])
+        config = tmp_path / "c.toml"
+        config.write_text(f'api_keys_file = "{keys}"\n')
+        assert main(["serve", "--host", "0.0.0.0", "--port", "1", "--config", str(config)]) == 2
+        assert "no keys" in capsys.readouterr().err
+        for value in (",", ""):
+            monkeypatch.setenv("SEMCACHE_API_KEYS", value)
+            assert main(["serve", "--port", "1"]) == 2  # on loopback too: keys were meant to be on
+            assert "empty" in capsys.readouterr().err
+
+    def test_emptying_the_keys_file_is_refused_on_reload(self, tmp_path):
+        """A SIGHUP after the keys file was emptied or truncated keeps the previous keys."""
+        path = tmp_path / "keys"
+        path.write_text("alpha:k1\n")
+        ring = KeyRing([], str(path))
+        for text in ("", "# all revoked\n"):
+            path.write_text(text)
+            with pytest.raises(ValueError, match="no keys"):
+                ring.reload()
+            assert ring.enabled and ring.tenant("k1") == "alpha"
+
+    def test_no_tenant_can_be_named_like_the_admin(self):
+        """Tenant names (and keys) with control characters are refused, so no keys-file tenant or
+        api_keys entry can share the admin's tenant ("\\x00admin") and its caches."""
+        with pytest.raises(ValueError, match="keys:2.*control"):
+            parse_keys_file("alpha:k1\n\x00admin:k2\n", "keys")
+        with pytest.raises(ValueError, match="control"):
+            KeyRing(["\x00admin"])
+
+    async def test_metrics_key_is_the_scrapers_own(self, make_client):
+        """With metrics_key, /metrics takes that key (or the admin key), never a tenant key; the
+        metrics key opens nothing else."""
+        client = await make_client(api_keys=["k"], admin_key="adm", metrics_key="scrape")
+        get = lambda key: client.get("/metrics", headers={"x-api-key": key} if key else {})  # noqa: E731
+        assert (await get("scrape")).status == 200 and (await get("adm")).status == 200
+        assert (await get("k")).status == 403 and (await get("nope")).status == 401 and (await get(None)).status == 401
+        r = await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "scrape"})
+        assert r.status == 401
+        client = await make_client(metrics_key="scrape", cache_enabled=False)  # no API keys: still its key
+        assert (await get(None)).status == 401 and (await get("scrape")).status == 200
+        assert "empty" in check_auth(Config(metrics_key=""))
+        assert "contradict" in check_auth(Config(metrics_key="scrape", metrics_public=True))
+
+    async def test_health_shows_counts_only_to_key_holders(self, make_client):
+        """/health/* answers everyone with its status code, but queue and active counts only to a
+        caller with a valid key (tenant, admin or metrics) when API keys are configured."""
+        client = await make_client(api_keys=["k"], admin_key="adm", metrics_key="scrape")
+        for path in ("/health/ready", "/health/live", "/health/startup"):
+            for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": "\u00ff"}):
+                r = await client.get(path, headers=headers)
+                body = await r.json()
+                assert r.status == 200 and body["status"] == "ok" and "queue_depth" not in body and "active" not in body
+            for key in ("k", "adm", "scrape"):
+                body = await (await client.get(path, headers={"Authorization": f"Bearer {key}"})).json()
+                assert body["queue_depth"] == 0 and body["active"] == 0
+
     async def test_rotated_key_keeps_its_tenants_caches(self, make_client, tmp_path):
         """Two keys of one tenant share its agent caches; another tenant's key sees none of them."""
         keys = tmp_path / "keys"
@@ -123,6 +189,16 @@ class TestAdmin:
         listed = lambda key: client.get("/v1/agents", headers={"x-api-key": key})  # noqa: E731
         assert (await (await listed("k1")).json())["data"] == []
         assert len((await (await listed("k2")).json())["data"]) == 1
+
+    async def test_purge_reaches_the_default_tenant(self, make_client):
+        """Without API keys every caller is the tenant `default`: the admin purge route reaches it."""
+        client = await make_client(admin_key="adm", cache_min_prefix=16)
+        await client.post("/v1/messages", json=LONG, headers={**ANTHROPIC, "X-Agent-ID": "a"})
+        await asyncio.sleep(0.05)
+        assert len((await (await client.get("/v1/agents")).json())["data"]) == 1
+        r = await client.delete("/admin/tenants/default/agents", headers={"x-api-key": "adm"})
+        assert r.status == 200 and (await r.json())["deleted"] == 1
+        assert (await (await client.get("/v1/agents")).json())["data"] == []
 
     async def test_hot_swap_and_failed_swap(self, make_client):
         """POST /admin/model swaps and /v1/models reports it; a failing load is a 400 and the old
@@ -254,6 +330,49 @@ class TestRateLimits:
         r = await client.post("/v1/chat/completions", json=CHAT)
         assert r.status == 503 and r.headers["Retry-After"]
         assert (await client.get("/health/ready")).status == 503
+
+    async def test_only_the_warm_route_charges_itself(self, make_client):
+        """A path that merely ends in /warm is charged its request like any other; the real warm
+        route is charged once, by the service (prompt tokenized), like a generation."""
+        clock = FakeClock()
+        client = await make_client(clock=clock, rate_limit_rpm=1)
+        assert (await client.get("/v1/models/warm")).status == 200
+        r = await client.get("/v1/models/warm")
+        assert r.status == 429 and "Retry-After" in r.headers
+        clock.now += 60
+        warm = {"model": "m", "system": "Be brief.", "messages": [{"role": "user", "content": "Hi"}]}
+        assert (await client.post("/v1/agents/a/warm", json=warm, headers=ANTHROPIC)).status == 200
+        assert (await client.post("/v1/agents/a/warm", json=warm, headers=ANTHROPIC)).status == 429
+
+    async def test_failed_authentication_is_throttled_per_address(self, make_client):
+        """Repeated bad keys from one address get 429 with Retry-After in the route's dialect, even
+        for a right key sent then (no guess is checked while throttled), until the budget refills."""
+        clock = FakeClock()
+        client = await make_client(clock=clock, api_keys=["k"])
+        bad = {**ANTHROPIC, "x-api-key": "guess"}
+        statuses = [(await client.post("/v1/messages", json=MSG, headers=bad)).status for _ in range(12)]
+        assert statuses[:10] == [401] * 10 and statuses[10:] == [429, 429]
+        r = await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "k"})
+        assert r.status == 429 and (await r.json())["type"] == "error" and int(r.headers["Retry-After"]) >= 1
+        r = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer guess"})
+        assert r.status == 429 and (await r.json())["error"]["type"] == "rate_limit_error"
+        body = await (await client.get("/health/ready", headers={"x-api-key": "k"})).json()
+        assert "queue_depth" not in body  # health keeps its status code but checks no key either
+        clock.now += 6
+        assert (await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "k"})).status == 200
+
+    async def test_forwarded_for_counts_only_from_trusted_proxies(self, make_client):
+        """Behind a proxy in trusted_proxies, each client address in X-Forwarded-For has its own
+        failure budget; from anyone else the header is ignored, so it cannot dodge the throttle."""
+        clock = FakeClock()
+        client = await make_client(clock=clock, api_keys=["k"], trusted_proxies=["127.0.0.0/8"])
+        via = lambda client_ip: {"x-api-key": "guess", "X-Forwarded-For": f"6.6.6.6, {client_ip}"}  # noqa: E731
+        statuses = [(await client.get("/v1/models", headers=via("1.1.1.1"))).status for _ in range(11)]
+        assert statuses[-2:] == [401, 429]
+        assert (await client.get("/v1/models", headers=via("2.2.2.2"))).status == 401
+        client = await make_client(clock=clock, api_keys=["k"], cache_enabled=False)
+        statuses = [(await client.get("/v1/models", headers=via(f"1.1.1.{i}"))).status for i in range(11)]
+        assert statuses[-2:] == [401, 429]
 
     async def test_health_is_never_limited(self, make_client):
         """/health/* is exempt from rate limits."""

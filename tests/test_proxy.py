@@ -328,6 +328,43 @@ class TestShippedConfig:
         assert read_timeout >= defaults.max_queue_wait + 300  # room to generate after the longest wait
 
 
+    def test_access_log_holds_no_query_string_and_no_key(self):
+        """The proxy's access log writes method and path without the query string (a client may put
+        its key there), the tenant name of the purge route (a bare key names its tenant) masked, and
+        no request header; X-Forwarded-For is appended for semcache's trusted_proxies."""
+        text = SHIPPED.read_text()
+        fmt = directive(text, "log_format")
+        variables = set(re.findall(r"\$(\w+)", fmt))
+        assert not variables & {"request", "request_uri", "args", "query_string", "is_args"}, variables
+        assert not any(v.startswith(("http_", "arg_", "cookie_")) for v in variables), variables
+        assert "$request_method $semcache_log_path" in fmt
+        assert re.search(r'"~\^/admin/tenants/"\s+"/admin/tenants/-/agents";', text)
+        assert re.search(r"proxy_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for;", text)
+
+    def test_access_log_live(self, tokenizer, tmp_path):
+        """Through the shipped config in front of one daemon (a fake engine): a key in the query
+        string or in the purge route's tenant name never reaches nginx's access log."""
+        from semcache.http.app import make_app
+        from tests.conftest import FakeEngine, serve_in_thread
+
+        config = Config(api_keys=["k"], admin_key="adm", cache_dir=str(tmp_path / "cache"))
+        with serve_in_thread(make_app(config, engine=FakeEngine(tokenizer))) as url:
+            daemon = url.removeprefix("http://")
+            nginx = Nginx(tmp_path / "nginx", [daemon, daemon]).start()
+            try:
+                for method, path in (("GET", "/v1/models?api_key=SECRET-Q"),
+                                     ("DELETE", "/admin/tenants/SECRET-T/agents")):
+                    req = urllib.request.Request(nginx.url + path, method=method)
+                    with pytest.raises(urllib.error.HTTPError) as refused:
+                        urllib.request.urlopen(req, timeout=TIMEOUT)
+                    assert refused.value.code == 401
+            finally:
+                nginx.stop()
+        log = (tmp_path / "nginx" / "semcache-access.log").read_text()
+        assert '"GET /v1/models HTTP/1.1" 401' in log and '"DELETE /admin/tenants/-/agents HTTP/1.1" 401' in log
+        assert "SECRET" not in log
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """One proxy and two daemons for the whole module (starting them is most of its time)."""

@@ -18,6 +18,7 @@ from semcache.ops.ratelimit import (
     openai_headers,
     rfc3339,
 )
+from semcache.ops.throttle import AuthThrottle, client_address, parse_networks
 
 
 class FakeClock:
@@ -226,6 +227,56 @@ class TestRateLimiter:
         rl.prune()
         grant.settle(0)
         assert levels(rl, "a") == (None, 100)
+
+
+class TestAuthThrottle:
+    def test_failures_spend_a_per_address_budget(self, clock):
+        """`burst` failures pass, then the address waits for one to refill; others are untouched."""
+        t = AuthThrottle(clock=clock, burst=3, per_minute=6)
+        for _ in range(3):
+            assert t.wait("10.0.0.1") == 0.0
+            t.failed("10.0.0.1")
+        assert t.wait("10.0.0.1") == pytest.approx(10.0) and t.wait("10.0.0.2") == 0.0
+        clock.advance(10.0)
+        assert t.wait("10.0.0.1") == 0.0
+
+    def test_an_ipv6_client_counts_by_its_64(self, clock):
+        """Every address of one /64 shares a budget: a host cannot rotate through its own prefix."""
+        t = AuthThrottle(clock=clock, burst=2, per_minute=1)
+        t.failed("2001:db8::1")
+        t.failed("2001:db8::2")
+        assert t.wait("2001:db8::ffff") > 0 and t.wait("2001:db8:0:1::1") == 0.0
+
+    def test_memory_is_bounded(self, clock):
+        """At most max_addresses are tracked, however many fail; refilled ones are dropped first."""
+        t = AuthThrottle(clock=clock, burst=5, per_minute=60, max_addresses=50)
+        for i in range(10_000):
+            t.failed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+        assert len(t) == 50
+        clock.advance(60)
+        t.failed("192.0.2.1")
+        assert len(t) == 1
+
+    @pytest.mark.parametrize("peer, forwarded, expected", [
+        ("203.0.113.9", ["1.2.3.4"], "203.0.113.9"),  # not a trusted proxy: its header is ignored
+        ("127.0.0.1", [], "127.0.0.1"),  # the proxy's own request
+        ("127.0.0.1", ["1.2.3.4"], "1.2.3.4"),
+        ("127.0.0.1", ["6.6.6.6, 1.2.3.4"], "1.2.3.4"),  # a client's own X-Forwarded-For is the left part
+        ("127.0.0.1", ["1.2.3.4, 10.1.2.3"], "1.2.3.4"),  # a chain of trusted proxies is walked
+        ("127.0.0.1", ["6.6.6.6", "1.2.3.4"], "1.2.3.4"),  # several header lines are one list
+        ("127.0.0.1", ["1.2.3.4, junk"], "127.0.0.1"),  # unparsable: the nearest trusted hop stands
+        ("::ffff:127.0.0.1", ["2001:db8::7"], "2001:db8::7"),
+    ])
+    def test_client_address(self, peer, forwarded, expected):
+        """X-Forwarded-For is read right to left from a trusted peer, up to the first untrusted hop."""
+        assert client_address(peer, forwarded, parse_networks(["127.0.0.1", "10.0.0.0/8"])) == expected
+
+    def test_bad_networks_are_errors(self):
+        """trusted_proxies entries must be IP addresses or networks; the error names the key."""
+        with pytest.raises(ValueError, match="trusted_proxies.*'nginx'"):
+            parse_networks(["nginx"])
+        with pytest.raises(ValueError, match="trusted_proxies"):
+            parse_networks([""])
 
 
 class TestHeaders:

@@ -130,6 +130,6 @@ def daemon_config(cache_dir: Path, port: int) -> dict:
     from semcache.ops.config import load_config
 
     config = msgspec.to_builtins(load_config(overrides={"cache_dir": str(cache_dir), "port": port}))
-    for secret in ("api_keys", "api_keys_file", "admin_key"):
+    for secret in ("api_keys", "api_keys_file", "admin_key", "metrics_key"):
         config[secret] = "(set)" if config.get(secret) else config.get(secret)
     return config

@@ -11,6 +11,7 @@ from msgspec import Meta, Struct
 from semcache.ops.errors import ApiError, Kind, ModelLoadError, invalid
 from semcache.http.appkeys import METRICS, SERVICE
 from semcache.http.body import decode_body
+from semcache.http.identity import DEFAULT_TENANT
 from semcache.ops.tenants import tenant_id
 
 
@@ -46,10 +47,12 @@ async def swap_model(request: web.Request) -> web.Response:
 
 
 async def purge_tenant(request: web.Request) -> web.Response:
-    """Delete every cached entry of a tenant (by name; a bare key's tenant is named by the key)."""
+    """Delete every cached entry of a tenant (by name; a bare key's tenant is named by the key).
+    `default` also names the callers without a key (no API keys configured), stored unhashed."""
     service = request.app[SERVICE]
     name = request.match_info["tenant"]
     if not service.has_cache:
         raise invalid("the agent cache is disabled (cache_enabled = false)")
-    deleted = await service.purge_tenant(tenant_id(name))
+    ids = [tenant_id(name)] + ([DEFAULT_TENANT] if name == DEFAULT_TENANT else [])
+    deleted = sum([await service.purge_tenant(t) for t in ids])
     return web.json_response({"tenant": name, "deleted": deleted})

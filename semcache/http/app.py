@@ -8,13 +8,14 @@ import time
 
 from aiohttp import web
 
-from semcache.http import admin, agents, anthropic, middleware, openai
+from semcache.http import admin, agents, anthropic, auth, middleware, openai
 from semcache.http.dialect import sends_anthropic_version
-from semcache.http.appkeys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS, SERVICE, Inflight
+from semcache.http.appkeys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS, SERVICE, THROTTLE, Inflight
 from semcache.ops.config import Config
 from semcache.ops.metrics import Metrics
 from semcache.ops.ratelimit import RateLimiter, RateLimits
 from semcache.ops.tenants import KeyRing
+from semcache.ops.throttle import AuthThrottle
 from semcache.service import lifecycle
 from semcache.service.service import Service
 
@@ -28,14 +29,15 @@ BOUND: web.AppKey[asyncio.Event] = web.AppKey("bound")
 
 def make_app(config: Config, engine=None, clock=time.monotonic) -> web.Application:
     """The whole HTTP app. Without `engine`, an MLXEngine on `config.model` is loaded after start-up.
-    `clock` drives the rate limiter (tests pass a fake one)."""
+    `clock` drives the rate limiter and the failed-auth throttle (tests pass a fake one)."""
     app = web.Application(
         client_max_size=config.max_body,
-        middlewares=[middleware.request_context, middleware.errors, middleware.auth, middleware.rate_limit],
+        middlewares=[middleware.request_context, middleware.errors, auth.auth, middleware.rate_limit],
     )
     app[CONFIG] = config
     app[INFLIGHT] = Inflight()
     app[KEYRING] = KeyRing(config.api_keys, config.api_keys_file)
+    app[THROTTLE] = AuthThrottle(config.trusted_proxies, clock)
     rates = RateLimits(config.rate_limit_rpm, config.rate_limit_tpm, config.rate_limit_global_rpm)
     app[LIMITER] = RateLimiter(rates, clock) if any((rates.rpm, rates.tpm, rates.global_rpm)) else None
     app[METRICS] = metrics = Metrics()
@@ -82,32 +84,30 @@ async def _run_when_bound(app: web.Application, service: Service) -> None:
     await lifecycle.run(service)
 
 
-def _health(service: Service, ok: bool, reason: str) -> web.Response:
-    body = {
-        "status": "ok" if ok else reason,
-        "queue_depth": service.num_waiting,
-        "active": service.num_running,
-        "model": service.model_id,
-    }
+def _health(request: web.Request, ok: bool, reason: str) -> web.Response:
+    """The status for anyone; the queue and active counts only for a caller the daemon knows."""
+    service = request.app[SERVICE]
+    body = {"status": "ok" if ok else reason, "model": service.model_id}
+    if request.get(auth.KNOWN_CALLER):
+        body.update(queue_depth=service.num_waiting, active=service.num_running)
     return web.json_response(body, status=200 if ok else 503)
 
 
 async def health_live(request: web.Request) -> web.Response:
-    return _health(request.app[SERVICE], True, "ok")
+    return _health(request, True, "ok")
 
 
 async def health_startup(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    return _health(service, service.loaded, "starting")
+    return _health(request, request.app[SERVICE].loaded, "starting")
 
 
 async def health_ready(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     if not service.loaded:
-        return _health(service, False, "starting")
+        return _health(request, False, "starting")
     if service.draining:
-        return _health(service, False, "draining")
-    return _health(service, not service.queue_full, "queue_full")
+        return _health(request, False, "draining")
+    return _health(request, not service.queue_full, "queue_full")
 
 
 async def probe(request: web.Request) -> web.Response:

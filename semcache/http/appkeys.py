@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from semcache.ops.metrics import Metrics
     from semcache.ops.ratelimit import RateLimiter
     from semcache.ops.tenants import KeyRing
+    from semcache.ops.throttle import AuthThrottle
     from semcache.service.service import Service
 
 CONFIG: web.AppKey["Config"] = web.AppKey("config")
@@ -18,6 +19,7 @@ SERVICE: web.AppKey["Service"] = web.AppKey("service")
 METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
 KEYRING: web.AppKey["KeyRing"] = web.AppKey("keyring")
 LIMITER: web.AppKey["RateLimiter | None"] = web.AppKey("limiter")
+THROTTLE: web.AppKey["AuthThrottle"] = web.AppKey("auth_throttle")
 
 
 class Inflight:

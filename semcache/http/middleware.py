@@ -1,9 +1,8 @@
 """Middlewares, outermost first: request id + access log + request metrics → errors (dialect-shaped)
-→ auth → rate limit."""
+→ auth (http/auth.py) → rate limit."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
 import secrets
@@ -14,18 +13,17 @@ from aiohttp import web
 
 from semcache.ops.errors import ApiError, Kind, anthropic_body, invalid, openai_body, status_for
 from semcache.http.dialect import is_anthropic
-from semcache.http.identity import ADMIN, KEY, TENANT, USAGE, rate_key
-from semcache.http.appkeys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS
+from semcache.http.identity import USAGE, rate_key
+from semcache.http.appkeys import CONFIG, INFLIGHT, LIMITER, METRICS
 from semcache.ops.ratelimit import anthropic_headers, openai_headers
 from semcache.service.service import charge
-from semcache.ops.tenants import key_id, tenant_id
 
 log = logging.getLogger("semcache.http")
 access = logging.getLogger("semcache.access")
 
 REQUEST_ID = "request_id"
-ADMIN_TENANT = "\x00admin"  # no keys-file tenant can be named this (names are single text lines)
-GENERATION_PATHS = frozenset({"/v1/messages", "/v1/chat/completions", "/chat/completions"})
+# The routes that charge the rate limit themselves, once their prompt is tokenized (Service.start).
+SELF_CHARGED = frozenset({"/v1/messages", "/v1/chat/completions", "/chat/completions", "/v1/agents/{agent_id}/warm"})
 _HTTP_KINDS = {
     401: Kind.AUTHENTICATION,
     403: Kind.PERMISSION,
@@ -116,12 +114,16 @@ async def rate_limit(request: web.Request, handler):
     """Innermost: requests per minute for every route but /health/*; generation routes are charged
     their tokens too, once the prompt is tokenized (Service.start), before they reach the queue."""
     limiter = request.app[LIMITER]
-    if limiter is None or is_open(request):
-        return await handler(request)
-    if request.method == "POST" and request.path in GENERATION_PATHS or request.path.endswith("/warm"):
+    if limiter is None or is_open(request) or _charges_itself(request):
         return await handler(request)
     charge(limiter, rate_key(request), 0)
     return await handler(request)
+
+
+def _charges_itself(request: web.Request) -> bool:
+    """A POST to a SELF_CHARGED route, matched by the router (not by how its path ends)."""
+    resource = request.match_info.route.resource
+    return request.method == "POST" and resource is not None and resource.canonical in SELF_CHARGED
 
 
 @web.middleware
@@ -171,46 +173,3 @@ def _http_message(request: web.Request, exc: web.HTTPException) -> str:
         limit = request.app[CONFIG].max_body
         return f"request body is larger than the {limit} byte limit (config max_body)"
     return exc.text or exc.reason
-
-
-def given_key(request: web.Request) -> str | None:
-    """The key sent as x-api-key or Authorization: Bearer (both SDKs' ways); a 401 if it is not
-    UTF-8 (aiohttp keeps such bytes as surrogates, which no key can match or even encode)."""
-    given = request.headers.get("x-api-key")
-    bearer = request.headers.get("Authorization", "")
-    if given is None and bearer[:7].lower() == "bearer ":
-        given = bearer[7:].strip()
-    if given is not None and any("\udc80" <= c <= "\udcff" for c in given):
-        raise ApiError(Kind.AUTHENTICATION, "invalid API key: the header is not UTF-8 text")
-    return given
-
-
-@web.middleware
-async def auth(request: web.Request, handler):
-    """/health/* is open; /admin/* needs the admin key (404 without one configured); with API keys
-    configured every other route (and /metrics unless metrics_public) needs one of them. The admin
-    key is accepted everywhere."""
-    config = request.app[CONFIG]
-    path = request.path
-    keys = request.app[KEYRING]
-    if is_open(request):
-        return await handler(request)
-    given = given_key(request) if config.admin_key or keys.enabled else None
-    admin = bool(config.admin_key and given and hmac.compare_digest(given.encode(), config.admin_key.encode()))
-    request[ADMIN] = admin
-    if path.startswith("/admin/"):
-        if not config.admin_key:
-            raise web.HTTPNotFound()
-        if not admin:
-            raise ApiError(Kind.AUTHENTICATION, "admin routes need the admin key (x-api-key)")
-        return await handler(request)
-    if not keys.enabled or (path == "/metrics" and config.metrics_public):
-        return await handler(request)
-    if given is None:
-        raise ApiError(Kind.AUTHENTICATION, "missing API key: send x-api-key or Authorization: Bearer")
-    tenant = ADMIN_TENANT if admin else keys.tenant(given)
-    if tenant is None:
-        raise ApiError(Kind.AUTHENTICATION, "invalid API key")
-    request[TENANT] = tenant_id(tenant)  # cache entries are scoped to the tenant
-    request[KEY] = key_id(given)
-    return await handler(request)

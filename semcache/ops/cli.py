@@ -241,9 +241,10 @@ def render_purged(body: dict) -> str:
 
 
 def render_health(body: dict) -> str:
-    """One line: the status, model, running and queued sequences."""
-    return f"{body.get('status')}: model {body.get('model')}, {body.get('active')} active, " \
-           f"{body.get('queue_depth')} queued"
+    """One line: the status, model, running and queued sequences (the daemon shows those counts
+    only to a caller with a valid key when API keys are configured)."""
+    counts = f", {body['active']} active, {body['queue_depth']} queued" if "active" in body else ""
+    return f"{body.get('status')}: model {body.get('model')}{counts}"
 
 
 def render_models(body: dict) -> str:

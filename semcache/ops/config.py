@@ -24,6 +24,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _SIZE_KEYS = ("kv_budget", "max_body", "cache_memory_budget", "cache_disk_budget")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_LIST_KEYS = ("api_keys", "trusted_proxies")
 
 Positive = Annotated[int, Meta(ge=1)]
 Seconds = Annotated[float, Meta(gt=0)]
@@ -62,6 +63,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     allow_unauthenticated: bool = False
     # Serve /metrics without an API key (for a Prometheus on a private network).
     metrics_public: bool = False
+    # The scraper's own key: once set, /metrics takes it or the admin key, never a tenant key.
+    metrics_key: str | None = None
+    # Proxies (IPs or CIDRs) whose X-Forwarded-For names the client; unset: the header is ignored.
+    trusted_proxies: list[str] = []
     # Token buckets per key (requests and prompt+max_tokens per minute) and for all keys together.
     rate_limit_rpm: Annotated[int, Meta(ge=1)] | None = None
     rate_limit_tpm: Annotated[int, Meta(ge=1)] | None = None
@@ -114,7 +119,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         if key not in FIELDS:
             raise ConfigError(f"unknown config key {key!r} (from environment variable {name})")
-        out[key] = [s.strip() for s in raw.split(",") if s.strip()] if key == "api_keys" else raw
+        # empty items are kept: "," must not read as no keys (the key ring refuses them)
+        out[key] = [s.strip() for s in raw.split(",")] if key in _LIST_KEYS else raw
     return out
 
 
