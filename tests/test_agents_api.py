@@ -236,7 +236,23 @@ class TestAgentsEndpoints:
         client = await make_client(**CACHE)
         r = await client.post("/v1/agents/w2/warm", json={"model": "m", "messages": []})
         assert r.status == 400
-        r = await client.post("/v1/agents/w2/warm", json={"system": "x", "messages": []}, headers=ANTHROPIC)
+        r = await client.post("/v1/agents/w2/warm", json={"system": SYSTEM, "messages": []}, headers=ANTHROPIC)
         assert r.status == 200
         r = await client.post("/v1/agents/anon-1/warm", json={"system": "x"}, headers=ANTHROPIC)
         assert r.status == 400
+
+    @pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+    async def test_warm_of_a_prompt_shorter_than_min_prefix_is_a_400(self, make_client, dialect):
+        """A prompt under cache_min_prefix tokens could never be hit, so it is not stored: a 400 that
+        says so, in the caller's dialect (it was a 200 with a useless entry), and nothing is listed."""
+        client = await make_client(cache_min_prefix=500)
+        if dialect == "anthropic":
+            r = await client.post("/v1/agents/w3/warm", json={"system": "x", "messages": []}, headers=ANTHROPIC)
+        else:
+            r = await client.post("/v1/agents/w3/warm", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status == 400
+        body = await r.json()
+        error = body["error"]
+        assert "cache_min_prefix" in error["message"]
+        assert (body["type"] == "error") if dialect == "anthropic" else (error["type"] == "invalid_request_error")
+        assert (await client.get("/v1/agents/w3")).status == 404

@@ -55,6 +55,14 @@ class TestConfig:
         with pytest.raises(ConfigError, match="kv_budget"):
             load_config(environ={"SEMCACHE_KV_BUDGET": "lots"})
 
+    def test_cache_tenant_share_is_a_fraction_or_unset(self):
+        """cache_tenant_share: unset by default; a fraction in (0, 1] from env or file; else an error naming it."""
+        assert Config().cache_tenant_share is None
+        assert load_config(environ={"SEMCACHE_CACHE_TENANT_SHARE": "0.25"}).cache_tenant_share == 0.25
+        for bad in ("0", "1.5", "half"):
+            with pytest.raises(ConfigError, match="cache_tenant_share"):
+                load_config(environ={"SEMCACHE_CACHE_TENANT_SHARE": bad})
+
     def test_parse_size_units(self):
         """Decimal and binary units."""
         assert parse_size("4GiB") == 4 << 30

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -302,6 +303,19 @@ class TestAgentCache:
         assert entry.num_tokens == 10 and entry.tokens.tolist() == seq(10)
         check(cache)
 
+    async def test_entries_shorter_than_min_prefix_are_not_stored(self, h):
+        """fewer tokens than min_prefix could never be hit: put returns None, nothing is written;
+        exactly min_prefix tokens is stored and hit."""
+        cache = await h.open()
+        assert cache.put(T, "agent-1", seq(3), fake_kv(seq(3))) is None
+        assert cache.put(T, None, seq(3, 5000), fake_kv(seq(3, 5000))) is None
+        await settle(cache)
+        assert cache.entries == {} and files(h.directory) == set() and cache.memory_bytes == 0
+        entry = cache.put(T, "agent-1", seq(4), fake_kv(seq(4)))
+        assert entry is not None and cache.lookup(T, "agent-1", seq(6)).num_tokens == 4
+        await settle(cache)
+        assert files(h.directory) == {entry.path.name}
+
     # Memory budget ---------------------------------------------------------------------------
 
     async def test_memory_budget_spills_least_recently_used(self, h):
@@ -494,6 +508,29 @@ class TestAgentCache:
         assert same_data(entry.data, fake_kv(seq(20)))
         await settle(cache)
 
+    async def test_no_empty_pool_or_trie_is_kept(self, h):
+        """an agent (or tenant) whose entries are all gone leaves no empty set or trie behind, however
+        they went: delete, expire, evict without a disk tier, replacement."""
+        cache = await h.open()
+        cache.put(T, "agent-1", seq(20, 1000), fake_kv(seq(20, 1000)))
+        cache.put(OTHER, "agent-2", seq(20, 2000), fake_kv(seq(20, 2000)))
+        anon = cache.put(T, None, seq(20, 3000), fake_kv(seq(20, 3000)))
+        cache.put(T, None, seq(30, 3000), fake_kv(seq(30, 3000)))  # replaces the anonymous one
+        assert anon.removed and (T, anon.agent) not in cache.catalog.pools
+        await cache.delete(T, "agent-1")
+        assert (T, "agent-1") not in cache.catalog.pools
+        h.clock.tick(LIMITS.ttl + 1)
+        cache.expire()
+        check(cache)
+        assert cache.entries == {} and cache.catalog.pools == {}
+        assert cache.catalog.tries == {} and cache.catalog.anonymous == {} and cache.entries.tenants() == []
+        memory_only = await h.open(directory=None)
+        memory_only.put(T, "agent-3", seq(20), fake_kv(seq(20)))
+        await memory_only.evict(T, "agent-3")  # no disk tier: the entry is dropped
+        check(memory_only)
+        assert memory_only.entries == {} and memory_only.catalog.pools == {} and memory_only.catalog.tries == {}
+        await settle(cache)
+
     # Restart ---------------------------------------------------------------------------------
 
     async def test_restart_indexes_entries_on_disk(self, h):
@@ -672,6 +709,21 @@ class TestRaces:
         assert await loading is False
         check(cache)
 
+    async def test_write_of_an_entry_replaced_before_it_started(self, h, monkeypatch):
+        """a continuation put before the previous turn's write task ran: that task finds its entry
+        gone and ends quietly (it raised AttributeError, leaving the entry's `writing` set)."""
+        cache = await h.open()
+        spawned = []
+        spawn = cache.disk.io.spawn
+        monkeypatch.setattr(cache.disk.io, "spawn", lambda aw: spawned.append(spawn(aw)) or spawned[-1])
+        old = cache.put(T, "agent-1", seq(10), fake_kv(seq(10)))
+        new = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))  # before the loop ran old's task
+        assert old.removed and old.writing is not None and not old.writing.done()
+        await settle(cache)
+        assert len(spawned) >= 2 and all(t.exception() is None for t in spawned)
+        assert old.writing is None and old.path is None
+        assert files(h.directory) == {new.path.name}
+
     async def test_quantized_spill_with_head_dim_80(self, h):
         """int8 encoding with head_dim 80 (e.g. phi-2): the spilled entry is written or dropped, never stuck."""
         cache = await h.open(CacheLimits(memory_budget=0, ttl=1000.0, min_prefix=4, encoding="int8"))
@@ -699,5 +751,184 @@ def test_limits_from_config():
     """CacheLimits.from_config takes the cache_* keys; the defaults agree with Config's."""
     assert CacheLimits.from_config(Config()) == CacheLimits()
     config = Config(cache_memory_budget=1, cache_disk_budget=2, cache_ttl=3.0, cache_min_prefix=4,
-                    cache_disk_encoding="int8", cache_write_through=False)
-    assert CacheLimits.from_config(config) == CacheLimits(1, 2, 3.0, 4, "int8", False)
+                    cache_disk_encoding="int8", cache_write_through=False, cache_tenant_share=0.25)
+    assert CacheLimits.from_config(config) == CacheLimits(1, 2, 3.0, 4, "int8", False, 0.25)
+    assert CacheLimits(memory_budget=1000, tenant_share=0.25).share(1000) == 250 and CacheLimits().share(1000) is None
+
+
+async def put_each(h: Harness, cache: AgentCache, tenant: str, agents: list[str], base: int,
+                   write: bool = False) -> list:
+    """One entry of ENTRY_TOKENS tokens (from base, 2 * base...) for each agent, a clock tick apart;
+    with `write`, each one's file work done before the next."""
+    made = []
+    for i, agent in enumerate(agents):
+        h.clock.tick()
+        tokens = seq(ENTRY_TOKENS, base * (i + 1))
+        made.append(cache.put(tenant, agent, tokens, fake_kv(tokens)))
+        await settle(cache) if write else check(cache)
+    return made
+
+
+class TestTenantShare:
+    """cache_tenant_share: a tenant past its share of a budget loses its own least recently used
+    entries, never another tenant's (older as they may be)."""
+
+    async def test_memory_share_spills_only_the_tenants_own_entries(self, h):
+        """room for 4 entries, half of it a tenant's: the other tenant's older entries stay resident."""
+        limits = CacheLimits(memory_budget=4 * ENTRY_BYTES, ttl=1000.0, min_prefix=4, tenant_share=0.5)
+        cache = await h.open(limits)
+        theirs = await put_each(h, cache, OTHER, ["b-0", "b-1"], 1000)
+        mine = await put_each(h, cache, T, ["a-0", "a-1", "a-2", "a-3"], 10_000)
+        assert [e.tier for e in theirs] == ["memory", "memory"]
+        assert [e.tier for e in mine] == ["disk", "disk", "memory", "memory"]
+        assert cache.resident.bytes_of(T) == 2 * ENTRY_BYTES
+        h.clock.tick()
+        assert await load(cache, mine[0])  # read back: the tenant's least recently used one makes room
+        check(cache)
+        assert [e.tier for e in mine] == ["memory", "disk", "disk", "memory"] and theirs[0].tier == "memory"
+        await settle(cache)
+
+    async def test_without_a_share_one_tenant_evicts_everyone(self, h):
+        """the default: budgets are shared, the least recently used entries go whoever owns them."""
+        cache = await h.open(CacheLimits(memory_budget=4 * ENTRY_BYTES, ttl=1000.0, min_prefix=4))
+        [theirs] = await put_each(h, cache, OTHER, ["b"], 1000)
+        await put_each(h, cache, T, ["a-0", "a-1", "a-2", "a-3"], 10_000)
+        assert theirs.tier == "disk"
+        await settle(cache)
+
+    async def test_disk_share_deletes_only_the_tenants_own_files(self, h, tmp_path):
+        """disk budget of 4.5 files, half of it a tenant's: it keeps its 2 newest files, the other
+        tenant's older files stay; a tenant past its share when the cache opens is trimmed then."""
+        size = file_size(tmp_path, ENTRY_TOKENS, h.clock)
+        limits = CacheLimits(memory_budget=0, disk_budget=int(4.5 * size), ttl=1000.0, min_prefix=4)
+        cache = await h.open(replace(limits, tenant_share=0.5))
+        theirs = await put_each(h, cache, OTHER, ["b-0", "b-1"], 1000, write=True)
+        mine = await put_each(h, cache, T, ["a-0", "a-1", "a-2", "a-3"], 10_000, write=True)
+        assert [e.removed for e in mine] == [True, True, False, False] and not any(e.removed for e in theirs)
+        assert files(h.directory) == {e.path.name for e in theirs + mine[2:]}
+        assert cache.disk.held(T) == 2 * size <= 0.5 * limits.disk_budget
+        cache = await h.reopen(cache, limits=limits)  # no share: with the other tenant gone, it fills the rest
+        for agent in ("b-0", "b-1"):
+            await cache.delete(OTHER, agent)
+        await put_each(h, cache, T, ["a-4", "a-5"], 50_000, write=True)
+        assert cache.disk.held(T) == 4 * size
+        cache = await h.reopen(cache, limits=replace(limits, tenant_share=0.5))
+        await settle(cache)
+        assert cache.disk.held(T) == 2 * size
+        assert {e.agent for e in cache.entries.values()} == {"a-4", "a-5"}
+
+
+class TestBookkeeping:
+    """Budgets and gauges keep running totals (ledger.py): no operation recounts the entries, so the
+    work per operation does not grow with their number (evicting 2,000 of 4,000 took 2.7 s)."""
+
+    @staticmethod
+    async def work(monkeypatch, n: int, directory) -> int:
+        """Attribute reads on entries during n puts (the second half each spilling one), lookups,
+        uses, evicts, deletes and one expire() of about half of them."""
+        from semcache.cache import index
+
+        reads = [0]
+
+        class CountingEntry(index.Entry):
+            def __getattribute__(self, name):
+                reads[0] += 1
+                return object.__getattribute__(self, name)
+
+        monkeypatch.setattr(index, "Entry", CountingEntry)
+        clock = Clock()
+        limits = CacheLimits(memory_budget=n // 2 * 8 * 8, ttl=float(n), min_prefix=4, write_through=False)
+        cache = AgentCache(limits, directory, clock=clock)
+        for i in range(n):
+            clock.tick()
+            agent = None if i % 5 == 0 else f"agent-{i % (n // 4)}"
+            cache.put(T if i % 2 else OTHER, agent, seq(8, 10 * i), fake_kv(seq(8, 10 * i)))
+        for i in range(0, n, 4):
+            match = cache.lookup(T, f"agent-{i % (n // 4)}", seq(8, 10 * i) + [1])
+            cache.record(match, 9, from_disk=False)
+        for i in range(0, n // 4, 8):
+            await cache.evict(T, f"agent-{i}")
+            await cache.delete(OTHER, f"agent-{i + 1}")
+        clock.tick(n // 2)
+        cache.expire()
+        cache.check_integrity()
+        await cache.close()
+        return reads[0]
+
+    async def test_work_per_operation_does_not_grow_with_the_entries(self, monkeypatch):
+        """4x the entries: about 4x the work in all (log factors aside), not 16x (quadratic)."""
+        small = await self.work(monkeypatch, 250, None)
+        large = await self.work(monkeypatch, 1000, None)
+        assert large < 8 * small, f"{large / small:.1f}x the work for 4x the entries"
+
+    async def test_disk_budget_work_does_not_grow_with_the_files(self, h, monkeypatch):
+        """Deleting half of the files past a lowered disk budget: per file, the same work at 4x the files."""
+
+        async def work(n: int) -> int:
+            cache = await h.open(CacheLimits(memory_budget=0, disk_budget=1 << 40, ttl=1e9, min_prefix=4))
+            for i in range(n):  # entries only on disk, as a restart finds them (no file needed here)
+                h.clock.tick()
+                entry = store_entry(i)
+                cache._index(entry)
+                cache.disk.stored[entry.key] = entry
+                cache.disk.bytes += entry.file_bytes
+            reads[0] = 0
+            cache.disk.limits = replace(cache.disk.limits, disk_budget=n // 2 * 100)
+            cache.disk.enforce_budget()
+            check(cache)
+            assert len(cache.entries) == n // 2
+            await h.close(cache)
+            return reads[0]
+
+        reads = [0]
+        from semcache.cache.entry import Entry
+
+        class Counting(Entry):
+            def __getattribute__(self, name):
+                reads[0] += 1
+                return object.__getattribute__(self, name)
+
+        def store_entry(i: int) -> Entry:
+            tokens = np.asarray(seq(8, 10 * i), np.int32)
+            return Counting(f"{i:016x}", T, f"agent-{i}", True, tokens, "float32", h.clock(), h.clock(),
+                            path=h.directory / "entries" / f"{i:016x}.safetensors", file_bytes=100)
+
+        small, large = await work(250), await work(1000)
+        assert large < 8 * small, f"{large / small:.1f}x the work for 4x the files"
+
+    async def test_totals_match_a_recount_after_random_operations(self, h):
+        """Random puts, lookups, uses, loads, evicts, deletes, expiries and settles over 3 tenants with
+        a tenant share: after each, every running total equals a recount (check_integrity)."""
+        import random
+
+        rng = random.Random(11)
+        limits = CacheLimits(memory_budget=6 * 8 * 30, disk_budget=1 << 20, ttl=50.0, min_prefix=4, tenant_share=0.5)
+        cache = await h.open(limits)
+        tenants, agents = ["t0", "t1", "t2"], [None, "a0", "a1", "a2", "a3"]
+        history: list[tuple[str, str | None, list[int]]] = []
+        for step in range(300):
+            op = rng.random()
+            tenant, agent = rng.choice(tenants), rng.choice(agents)
+            if op < 0.4 or not history:
+                base = rng.choice(history)[2] if history and rng.random() < 0.5 else seq(10, rng.randrange(50) * 100)
+                tokens = base + seq(rng.randrange(0, 20), 9000 + step * 20)
+                cache.put(tenant, agent, tokens, fake_kv(tokens), background=rng.random() < 0.2,
+                          fresh_start=rng.random() < 0.1)
+                history.append((tenant, agent, tokens))
+            elif op < 0.65:
+                tenant, agent, tokens = rng.choice(history)
+                match = cache.lookup(tenant, agent, tokens + [1])
+                if match.entry is not None and rng.random() < 0.5:
+                    await load(cache, match.entry)
+                cache.record(match, len(tokens) + 1, from_disk=False)
+            elif op < 0.75:
+                await cache.evict(tenant, agent or "a0")
+            elif op < 0.82:
+                await cache.delete(tenant, agent or "a1")
+            elif op < 0.9:
+                h.clock.tick(rng.random() * 20)
+                cache.expire()
+            else:
+                await cache.settle()
+            check(cache)
+        await settle(cache)

@@ -180,3 +180,40 @@ class TestTokenTrie:
         for key, seq in list(stored.items()):
             assert trie.remove(seq, key)
         assert len(trie) == 0 and trie.root.children == {}
+
+
+class TestAlong:
+    def test_prefixes_and_extensions(self):
+        """along(tokens): the keys stored under a prefix of tokens (tokens included), and those under
+        sequences strictly extending tokens (ending inside an edge or below its node)."""
+        trie = TokenTrie()
+        trie.insert([1, 2], "ab")
+        trie.insert([1, 2, 3], "abc")
+        trie.insert([1, 2, 3, 4, 5], "abcde")
+        trie.insert([1, 2, 3, 9], "abc9")
+        trie.insert([7], "g")
+        prefixes, extensions = trie.along([1, 2, 3])
+        assert sorted(prefixes) == ["ab", "abc"] and sorted(extensions) == ["abc9", "abcde"]
+        prefixes, extensions = trie.along([1, 2, 3, 4])  # ends inside the edge to [.., 5]
+        assert sorted(prefixes) == ["ab", "abc"] and list(extensions) == ["abcde"]
+        prefixes, extensions = trie.along([1, 2, 3, 4, 6])  # leaves that edge
+        assert sorted(prefixes) == ["ab", "abc"] and list(extensions) == []
+        prefixes, extensions = trie.along([1])
+        assert prefixes == [] and sorted(extensions) == ["ab", "abc", "abc9", "abcde"]
+        prefixes, extensions = trie.along([5])
+        assert prefixes == [] and list(extensions) == []
+
+    def test_against_brute_force(self):
+        """random sequences: along agrees with checking every stored sequence."""
+        rng = random.Random(5)
+        trie, stored = TokenTrie(), {}
+        for i in range(300):
+            tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 8))]
+            stored[i] = tokens
+            trie.insert(tokens, i)
+        for _ in range(200):
+            probe = [rng.randrange(3) for _ in range(rng.randrange(0, 8))]
+            prefixes, extensions = trie.along(probe)
+            assert sorted(prefixes) == sorted(k for k, t in stored.items() if probe[:len(t)] == t)
+            assert sorted(extensions) == sorted(k for k, t in stored.items() if len(t) > len(probe)
+                                                and t[:len(probe)] == probe)

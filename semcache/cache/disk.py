@@ -5,7 +5,8 @@ It owns the files and the Entry fields about them (path, file_bytes, dirty, pend
 loading, retry_at, superseded); the index (index.py) owns the entries and what is in memory, and is
 called back through `attach` (a read brought an entry's data back) and `drop` (an entry's data is
 lost). Files are in the entry file format (entryfile.py), handled on the I/O thread (iothread.py);
-writes and the data of spilled entries go through the writing tier (writer.py).
+writes and the data of spilled entries go through the writing tier (writer.py); which files the
+budgets delete is diskbudget.py's.
 
 Faults: a file that does not parse or fails its hash is quarantined (it will never be good); an
 I/O error says nothing about the file: it is counted, the request runs cold, the file stays.
@@ -23,9 +24,11 @@ import numpy as np
 from prometheus_async.aio import time as timed
 
 from semcache.cache import entryfile as store
+from semcache.cache.diskbudget import DiskBudget
 from semcache.cache.entry import CacheLimits, Entry
 from semcache.cache.iothread import IOThread
 from semcache.cache.kvdata import KVData
+from semcache.cache.ledger import Ledger
 from semcache.cache.writer import Writer
 from semcache.ops.metrics import Metrics
 
@@ -40,14 +43,15 @@ def read_entry(path: Path) -> tuple[store.EntryMeta, np.ndarray, KVData]:
     return meta, tokens, data
 
 
-class DiskTier:
+class DiskTier(DiskBudget):
     def __init__(self, directory: Path | None, limits: CacheLimits, metrics: Metrics,
                  attach: Callable[[Entry, KVData], Any], drop: Callable[[Entry, str], Any]):
         self.directory, self.limits, self.metrics = directory, limits, metrics
         self._attach, self._drop = attach, drop
         self.fingerprint = ""
-        self.stored: dict[str, Entry] = {}  # this model's entries that have a file, by key
-        self.foreign: dict[str, store.StoredFile] = {}  # other models' files: counted, never served
+        # This model's entries that have a file, by key; other models' files (counted, never served)
+        self.stored = Ledger(rank=lambda e: e.last_use, size=lambda e: e.file_bytes, tenant=lambda e: e.tenant)
+        self.foreign = Ledger(rank=lambda f: f.meta.last_use, size=lambda f: f.size, tenant=lambda f: f.meta.tenant)
         self.bytes = 0  # of all those files, and of the replaced files not deleted yet
         self.read_retry = READ_RETRY  # seconds
         self._lock: Any = None
@@ -183,31 +187,12 @@ class DiskTier:
         """Delete the other models' files `which` picks; returns the removals, one a file."""
         return [self._drop_foreign(k) for k in [k for k, f in self.foreign.items() if which(f)]]
 
-    def enforce_budget(self) -> None:
-        """Delete the least recently used files past the disk budget (an entry only on disk goes too)."""
-        while self.bytes > self.limits.disk_budget:
-            oldest = min(self.stored.values(), key=lambda e: e.last_use, default=None)
-            other = min(self.foreign.values(), key=lambda f: f.meta.last_use, default=None)
-            if other is not None and (oldest is None or other.meta.last_use < oldest.last_use):
-                self._drop_foreign(other.meta.key)
-            elif oldest is None:
-                return
-            elif oldest.data is None and oldest.pending is None:
-                self._drop(oldest, "budget")
-            else:  # resident: it keeps living in memory, to be written again if spilled
-                self.bytes -= oldest.file_bytes
-                self.io.background(store.remove, oldest.path)
-                self._unstore(oldest)
-                oldest.file_bytes, oldest.dirty = 0, True
-            self.metrics.cache_evictions.labels("disk", "budget").inc()
-        self._update_gauges()
-
     def _written(self, entry: Entry, stored: store.StoredFile) -> None:
         entry.path, entry.file_bytes, entry.dirty = stored.path, stored.size, False
         self.stored[entry.key] = entry
         self.bytes += stored.size
         self._drop_superseded(entry)
-        self.enforce_budget()
+        self.enforce_budget([entry.tenant])
 
     def _unstore(self, entry: Entry) -> None:
         """The entry no longer owns its file (its bytes are the caller's to settle)."""

@@ -25,6 +25,7 @@ class CacheLimits:
     min_prefix: int = 64
     encoding: str = "native"  # on disk: native (lossless), int8, int4
     write_through: bool = True  # write every new entry soon, so a crash loses little
+    tenant_share: float | None = None  # of each budget, what one tenant may hold (None: no limit)
 
     @classmethod
     def from_config(cls, config: Config) -> CacheLimits:
@@ -36,7 +37,12 @@ class CacheLimits:
             min_prefix=config.cache_min_prefix,
             encoding=config.cache_disk_encoding,
             write_through=config.cache_write_through,
+            tenant_share=config.cache_tenant_share,
         )
+
+    def share(self, budget: int) -> int | None:
+        """What one tenant may hold of `budget` (None: no per-tenant limit)."""
+        return None if self.tenant_share is None else int(budget * self.tenant_share)
 
 
 @dataclass(eq=False)

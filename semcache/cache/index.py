@@ -7,7 +7,10 @@ sequence stores a new entry (replacing the same agent's entries it extends), and
 engine the entry's arrays to copy. Lookup is by token ids: the agent's own entries first, then the
 longest prefix among all the tenant's entries (a radix trie); a tenant never sees another's.
 Memory past its budget spills least recently used entries (anonymous ones first) to disk; disk past
-its budget deletes the oldest files; entries unused for `ttl` seconds are deleted.
+its budget deletes the oldest files; entries unused for `ttl` seconds are deleted. With a tenant
+share, a tenant past its share of a budget loses its own least recently used entries first.
+Entries are kept in Ledgers (ledger.py) and found through the catalog (catalog.py), so every
+operation is O(log n) or better in the number of entries: nothing recounts.
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from semcache.cache.catalog import Catalog
 from semcache.cache.disk import DiskTier
 from semcache.cache.entry import ANON, MISS, CacheLimits, Entry, Match, common_prefix, preferred
 from semcache.cache.kvdata import KVData
-from semcache.cache.trie import TokenTrie
+from semcache.cache.ledger import Ledger
 from semcache.ops.metrics import Metrics
 
 __all__ = ["ANON", "MISS", "AgentCache", "CacheLimits", "Entry", "Match", "common_prefix"]
@@ -38,13 +41,15 @@ class AgentCache:
         self.limits = limits
         self.metrics = metrics or Metrics()
         self.clock = clock
-        self.entries: dict[str, Entry] = {}
-        self._tries: dict[str, TokenTrie] = defaultdict(TokenTrie)
-        self._pools: dict[tuple[str, str | None], set[str]] = defaultdict(set)
-        self.memory_bytes = 0
+        self.entries = Ledger(rank=lambda e: e.last_use, tenant=lambda e: e.tenant)  # all, oldest first
+        # Resident entries, in the order they spill: background and anonymous ones first, then by last use
+        self.resident = Ledger(rank=lambda e: (e.named and not e.background, e.last_use),
+                               size=lambda e: e.data.nbytes, tenant=lambda e: e.tenant)
+        self.catalog = Catalog(self.entries)
         self._update_gauges()
         self.disk = DiskTier(directory, limits, self.metrics, attach=self._attach, drop=self._remove)
 
+    memory_bytes = property(lambda self: self.resident.bytes)
     # The disk tier's counts and write pause, as tests read (and shorten) them
     disk_bytes = property(lambda self: self.disk.bytes)
     writing_bytes = property(lambda self: self.disk.writer.writing_bytes)
@@ -69,7 +74,7 @@ class AgentCache:
         for entry in ours:
             self._index(entry)
         self.expire()
-        self.disk.enforce_budget()
+        self.disk.enforce_budget({*self.disk.stored.tenants(), *self.disk.foreign.tenants()})
         self._update_gauges()
         log.info("agent cache: %d entries on disk for this model (%d of other models, %d quarantined, "
                  "%d unreadable), %s", len(self.entries), len(self.foreign), bad, failed, self.disk.directory)
@@ -94,19 +99,17 @@ class AgentCache:
         now = time.monotonic()
         if agent is not None:
             ids = np.asarray(prompt_ids, dtype=np.int32)
-            for entry in self._pool(tenant, agent):
+            for entry in self.catalog.pool(tenant, agent):
                 if entry.retry_at > now:
                     continue
                 n = min(common_prefix(entry.tokens, ids), limit)
                 if n > best.num_tokens or (n == best.num_tokens and preferred(entry, best.entry)):
                     best = Match(entry, n)
-        trie = self._tries.get(tenant)
-        if trie is not None:
-            n, keys = trie.longest(prompt_ids)
-            n = min(n, limit)
-            picked = self._pick(keys, now) if n > best.num_tokens else None
-            if picked is not None:
-                best = Match(picked, n)
+        n, keys = self.catalog.longest(tenant, prompt_ids)
+        n = min(n, limit)
+        picked = self._pick(keys, now) if n > best.num_tokens else None
+        if picked is not None:
+            best = Match(picked, n)
         return best if best.num_tokens >= self.limits.min_prefix else MISS
 
     def record(self, match: Match, num_prompt_tokens: int, from_disk: bool) -> None:
@@ -139,19 +142,16 @@ class AgentCache:
             fresh_start: bool = False) -> Entry | None:
         """Store a finished sequence's KV for its agent, replacing the agent's entries it extends
         (with `fresh_start`, after a client compacted its context, all of them). A `background`
-        entry (a client's side request) is evicted first and never evicts another from memory."""
-        if data.num_tokens == 0:
+        entry (a client's side request) is evicted first and never evicts another from memory. Fewer
+        tokens than `min_prefix` could never be hit: they are not stored (None)."""
+        if data.num_tokens < max(1, self.limits.min_prefix):
             return None
         tokens = np.asarray(token_ids[: data.num_tokens], dtype=np.int32)
         now = self.clock()
-        replaced = []
-        for old in self._pool(tenant, agent):
-            shared = common_prefix(old.tokens, tokens)
-            if shared == old.num_tokens or (fresh_start and agent is not None):
-                replaced.append(old)
-            elif shared == len(tokens):  # an entry of this agent already holds all of it
-                old.last_use = now
-                return old
+        holder, replaced = self.catalog.extended(tenant, agent, tokens, fresh_start)
+        if holder is not None:  # an entry of this agent already holds all of it
+            holder.last_use = now
+            return holder
         key = secrets.token_hex(8)
         entry = Entry(key, tenant, agent or ANON + key[:12], agent is not None, tokens, data.dtype, now, now,
                       data=data, dirty=True, background=background)
@@ -159,10 +159,10 @@ class AgentCache:
             self.disk.hand_over(old, entry)
             self._remove(old, "replaced")
         self._index(entry)
-        self.memory_bytes += data.nbytes
+        self.resident[key] = entry
         if self.limits.write_through:
             self.disk.write_through(entry, self.entries.values())
-        self._enforce_memory(newcomer=entry if background else None)
+        self._enforce_memory(tenant, newcomer=entry if background else None)
         self._update_gauges()
         return entry
 
@@ -170,8 +170,7 @@ class AgentCache:
 
     def agents(self, tenant: str, agent: str | None = None) -> list[Entry]:
         """The tenant's entries (one agent's, if given), most recently used first."""
-        found = self._pool(tenant, agent) if agent is not None else [
-            e for e in self.entries.values() if e.tenant == tenant]
+        found = self.catalog.pool(tenant, agent) if agent is not None else self.entries.of(tenant)
         return sorted(found, key=lambda e: -e.last_use)
 
     async def evict(self, tenant: str, agent: str) -> list[Entry]:
@@ -193,7 +192,7 @@ class AgentCache:
 
     async def purge(self, tenant: str) -> int:
         """Delete every entry of a tenant, of every model (its keys are gone); returns the count."""
-        entries = [e for e in self.entries.values() if e.tenant == tenant]
+        entries = self.entries.of(tenant)
         tasks = [task for e in entries for task in self._remove(e, "purge")]
         tasks += [e.writing for e in entries if e.writing is not None]
         foreign = self.disk.drop_foreign(lambda f: f.meta.tenant == tenant)
@@ -214,16 +213,11 @@ class AgentCache:
     def expire(self) -> None:
         """Delete entries (and other models' files) unused for longer than the TTL."""
         cutoff = self.clock() - self.limits.ttl
-        for entry in [e for e in self.entries.values() if e.last_use < cutoff]:
-            self._remove(entry, "ttl")
-        self.disk.drop_foreign(lambda f: f.meta.last_use < cutoff)
+        while (oldest := self.entries.oldest()) is not None and oldest.last_use < cutoff:
+            self._remove(oldest, "ttl")
+        self.disk.expire(cutoff)
 
     # Internals -------------------------------------------------------------------------------
-
-    def _pool(self, tenant: str, agent: str | None) -> list[Entry]:
-        if agent is not None and agent.startswith(ANON):
-            return [self.entries[k] for k in self._pools.get((tenant, None), ()) if self.entries[k].agent == agent]
-        return [self.entries[k] for k in self._pools.get((tenant, agent), ())]
 
     def _pick(self, keys, now: float) -> Entry | None:
         """Among entries sharing the same prefix: a resident one, then the most recently used
@@ -239,8 +233,7 @@ class AgentCache:
 
     def _index(self, entry: Entry) -> None:
         self.entries[entry.key] = entry
-        self._tries[entry.tenant].insert(entry.tokens.tolist(), entry.key)
-        self._pools[(entry.tenant, entry.agent if entry.named else None)].add(entry.key)
+        self.catalog.add(entry)
 
     def _remove(self, entry: Entry, reason: str) -> list[asyncio.Task]:
         """Forget the entry (`reason` says why, for readers); returns the file removals it started."""
@@ -248,10 +241,9 @@ class AgentCache:
             return []
         entry.removed = True
         del self.entries[entry.key]
-        self._tries[entry.tenant].remove(entry.tokens.tolist(), entry.key)
-        self._pools[(entry.tenant, entry.agent if entry.named else None)].discard(entry.key)
+        self.catalog.discard(entry)
         if entry.data is not None:
-            self.memory_bytes -= entry.data.nbytes
+            del self.resident[entry.key]
             entry.data = None
         self._update_gauges()
         return self.disk.forget(entry)
@@ -259,23 +251,25 @@ class AgentCache:
     def _attach(self, entry: Entry, data: KVData) -> None:
         entry.data = data
         entry.last_use = self.clock()  # about to be used: never the next to spill
-        self.memory_bytes += data.nbytes
-        self._enforce_memory(keep=entry)
+        self.resident[entry.key] = entry
+        self._enforce_memory(entry.tenant, keep=entry)
         self._update_gauges()
 
-    def _enforce_memory(self, keep: Entry | None = None, newcomer: Entry | None = None) -> None:
-        """Spill least recently used entries past the budget, background and anonymous ones first; a
-        background `newcomer` may push out only those (itself last, being the most recent)."""
-        while self.memory_bytes > self.limits.memory_budget:
-            victims = [e for e in self.entries.values() if e.data is not None and e is not keep
-                       and (newcomer is None or e.background or not e.named)]
-            if not victims:
-                return
-            self._spill(min(victims, key=lambda e: (e.named and not e.background, e.last_use)), "budget")
+    def _enforce_memory(self, tenant: str, keep: Entry | None = None, newcomer: Entry | None = None) -> None:
+        """Spill least recently used entries past `tenant`'s share (its own), then past the budget;
+        background and anonymous ones first. A background `newcomer` may push out only those (itself
+        last, being the most recent)."""
+        share = self.limits.share(self.limits.memory_budget)
+        for scope, budget in ((tenant, share), (None, self.limits.memory_budget)):
+            while budget is not None and self.resident.bytes_of(scope) > budget:
+                victim = self.resident.oldest(scope, skip=keep)
+                if victim is None or (newcomer is not None and victim.named and not victim.background):
+                    break
+                self._spill(victim, "budget")
 
     def _spill(self, entry: Entry, reason: str) -> None:
         data, entry.data = entry.data, None
-        self.memory_bytes -= data.nbytes
+        del self.resident[entry.key]
         self.metrics.cache_evictions.labels("memory", reason).inc()
         if not self.disk.spill(entry, data):  # no disk tier, or writes paused after a failure: gone
             self._remove(entry, reason)
@@ -285,16 +279,17 @@ class AgentCache:
 
     def _update_gauges(self) -> None:
         """Set the memory gauges now (after every change, so a scrape never computes them)."""
-        self.metrics.cache_bytes.labels("memory").set(self.memory_bytes)
-        self.metrics.cache_entries.labels("memory").set(sum(1 for e in self.entries.values() if e.data is not None))
+        self.metrics.cache_bytes.labels("memory").set(self.resident.bytes)
+        self.metrics.cache_entries.labels("memory").set(len(self.resident))
 
     def check_integrity(self) -> None:
         """Assert the accounting and index invariants (tests call this after every operation)."""
         live = list(self.entries.values())
-        assert self.memory_bytes == sum(e.data.nbytes for e in live if e.data is not None), "memory bytes drifted"
+        self.entries.check()
+        self.resident.check(self.limits.memory_budget, self.limits.share(self.limits.memory_budget))
+        assert set(self.resident) == {e.key for e in live if e.data is not None}, "resident entries out of step"
         assert not any(e.data is not None and e.pending is not None for e in live)
-        assert sum(len(t) for t in self._tries.values()) == len(live), "trie out of step with entries"
-        assert sum(len(keys) for keys in self._pools.values()) == len(live), "agent pools out of step"
-        largest = max((e.data.nbytes for e in live if e.data is not None), default=0)
-        assert self.memory_bytes - largest <= self.limits.memory_budget, "memory budget exceeded by more than one entry"
+        self.catalog.check(live)
+        self.disk.stored.check()
+        self.disk.foreign.check()
         self.disk.check_integrity(live)

@@ -73,6 +73,21 @@ class TokenTrie:
         self.root.count -= 1
         return True
 
+    def along(self, tokens: Sequence[int]) -> tuple[list[Hashable], Iterator[Hashable]]:
+        """(prefixes, extensions): the keys stored under a prefix of `tokens` (all of it included),
+        and, lazily, those stored under a sequence that strictly extends `tokens`."""
+        node, i, prefixes = self.root, 0, list(self.root.keys)
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                return prefixes, iter(())
+            n = _shared(child.label, tokens, i)
+            if n < len(child.label):  # `tokens` ends inside this edge (all below extend it) or leaves it
+                return prefixes, _keys_under(child) if i + n == len(tokens) else iter(())
+            node, i = child, i + n
+            prefixes += node.keys
+        return prefixes, (key for child in node.children.values() for key in _keys_under(child))
+
     def longest(self, tokens: Sequence[int]) -> tuple[int, Iterator[Hashable]]:
         """(n, keys): n is the longest prefix of `tokens` any stored sequence shares, and keys are
         exactly the entries that share it (lazily, nearest first)."""

@@ -93,8 +93,10 @@ class Writer:
 
     async def _write(self, entry: Entry) -> None:
         data = entry.data if entry.data is not None else entry.pending
-        meta = self._meta(entry, self.encoding if data.quantizable else "native")
         try:
+            if data is None or entry.removed:  # replaced or deleted before the task started: nothing to write
+                return
+            meta = self._meta(entry, self.encoding if data.quantizable else "native")
             stored = await timed(self.metrics.cache_disk_write_seconds,
                                  self.io.run(_write_entry, self.directory, meta, entry.tokens, data))
         except Exception as exc:  # disk full, I/O error...: the entry lives on in memory, or is dropped

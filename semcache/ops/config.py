@@ -83,6 +83,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     cache_min_prefix: Positive = 64
     cache_disk_encoding: Literal["native", "int8", "int4"] = "native"
     cache_write_through: bool = True
+    # The fraction of each cache budget (memory, disk) one tenant may hold; unset: tenants share them freely.
+    cache_tenant_share: Annotated[float, Meta(gt=0, le=1)] | None = None
 
 
 FIELDS = frozenset(Config.__struct_fields__)

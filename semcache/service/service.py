@@ -220,6 +220,9 @@ class Service:
             # Anthropic's exact words: Claude Code matches the whole message to tell the user the
             # conversation no longer fits (and to offer compaction). M leaves one token to generate.
             raise invalid(f"prompt is too long: {len(prompt_ids)} tokens > {context - 1} maximum", param="messages")
+        if warm and len(prompt_ids) < self.config.cache_min_prefix:  # it could never be hit: not stored
+            raise invalid(f"too short to cache: {len(prompt_ids)} tokens < cache_min_prefix "
+                          f"({self.config.cache_min_prefix})", param="messages")
         seq = Sequence(
             prompt_ids=prompt_ids,
             max_tokens=min(gen.max_tokens, self.config.max_output_tokens or gen.max_tokens),
