@@ -340,7 +340,7 @@ class TestRateLimits:
         r = await client.get("/v1/models/warm")
         assert r.status == 429 and "Retry-After" in r.headers
         clock.now += 60
-        warm = {"model": "m", "system": "Be brief.", "messages": [{"role": "user", "content": "Hi"}]}
+        warm = {"model": "m", "system": "Be brief. " * 40, "messages": [{"role": "user", "content": "Hi"}]}
         assert (await client.post("/v1/agents/a/warm", json=warm, headers=ANTHROPIC)).status == 200
         assert (await client.post("/v1/agents/a/warm", json=warm, headers=ANTHROPIC)).status == 429
 
