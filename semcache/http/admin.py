@@ -37,6 +37,8 @@ async def swap_model(request: web.Request) -> web.Response:
         seconds = await service.swap_model(body.model)
     except ModelLoadError as exc:
         raise invalid(f"the model was not swapped: {exc}", param="model") from None
+    except ApiError:  # a shutdown that stopped the swap says so itself
+        raise
     except Exception as exc:  # any load failure leaves the old model serving
         raise ApiError(Kind.INVALID_REQUEST, f"the model was not swapped: {exc}", param="model") from None
     info = service.info

@@ -18,7 +18,8 @@ from semcache.ops.config import Config
 from semcache.ops.metrics import Metrics
 from semcache.ops.ratelimit import RateLimiter
 from semcache.scheduler.scheduler import Limits, Scheduler
-from semcache.service.service import Service, settle_heap
+from semcache.service.service import Service
+from semcache.service.swap import settle_heap
 
 log = logging.getLogger("semcache")
 EXPIRE_EVERY = 600.0  # seconds between sweeps for cache entries past their TTL
@@ -119,6 +120,7 @@ async def drain(service: Service, timeout: float) -> None:
 async def close(service: Service) -> None:
     """Refuse new work, write the cache's memory-only entries to disk, free the model."""
     service.start_draining()
+    await service.models.end()  # before the cache closes: a swap still loading stops, undone
     await service.turns.close()
     try:
         if service.cache is not None:
