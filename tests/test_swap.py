@@ -88,6 +88,9 @@ class TestCancelledSwap:
         assert service.cache.disk.fingerprint == engine.info.fingerprint
         assert service.cache.disk.fingerprint == load_model(str(second)).info.fingerprint
         np.testing.assert_allclose(logits(engine), logits(engine, second_model), atol=1e-5)
+        metrics = await (await client.get("/metrics")).text()
+        line = next(x for x in metrics.splitlines() if x.startswith("semcache_model_load_seconds "))
+        assert float(line.split()[1]) == engine.load_seconds  # the second model's, its client gone or not
         # The first answer's file stays under the first model; the second's is under the second.
         await asyncio.wait_for(until(lambda: len(on_disk(tmp_path)) > 1), 5)
         assert on_disk(tmp_path) == {old, engine.info.fingerprint}

@@ -101,7 +101,9 @@ class Models:
             finally:
                 self._settled.set()
                 self.scheduler.resume()
-            return time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.scheduler.metrics.model_load_seconds.set(getattr(self.engine, "load_seconds", None) or seconds)
+            return seconds
 
     async def _install(self, prepared: Any) -> None:
         """The cache, then at once the engine and the renderer, change to the prepared model."""
