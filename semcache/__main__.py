@@ -70,11 +70,12 @@ async def serve(config: Config) -> int:
     from aiohttp import web
 
     from semcache.http.app import BOUND, LOAD_TASK, make_app
-    from semcache.http.appkeys import KEYRING, SERVICE
+    from semcache.http.appkeys import KEYRING
+    from semcache.http.server import Runner
 
     app = make_app(config)
     app[BOUND] = asyncio.Event()
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = Runner(app, config)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=config.backlog, reuse_address=True)
     try:
@@ -106,11 +107,22 @@ async def serve(config: Config) -> int:
     code = 1 if load.done() and not load.cancelled() and load.exception() else 0
     if code == 0:
         await stopping
-        await drain(app, site, config.drain_timeout)
+    await shut_down(app, runner, site, config.drain_timeout if code == 0 else None)
+    return code
+
+
+async def shut_down(app, runner, site, drain_timeout: float | None) -> None:
+    """Drain for up to `drain_timeout` seconds (None: no drain), end what still runs, write the
+    caches: all within lifecycle.stop_seconds(drain_timeout)."""
+    from semcache.http.appkeys import SERVICE
+    from semcache.service import lifecycle
+
+    if drain_timeout is not None:
+        log.info("stopping within %.0f s", lifecycle.stop_seconds(drain_timeout))
+        await drain(app, site, drain_timeout)
     log.info("shutting down")
     app[SERVICE].start_draining()
-    await runner.cleanup()  # the cache writes what is not on disk yet
-    return code
+    await runner.cleanup()  # handlers still running get CLOSE_GRACE; then the cache writes what is not on disk
 
 
 async def drain(app, site, timeout: float) -> None:
@@ -121,7 +133,7 @@ async def drain(app, site, timeout: float) -> None:
 
     site._server.close()  # no new connections; the open ones stay to finish (or be refused)
     await lifecycle.drain(app[SERVICE], timeout)
-    deadline = loop_time() + 5
+    deadline = loop_time() + lifecycle.HANDLER_GRACE
     while app[INFLIGHT].count and loop_time() < deadline:  # let the handlers write their last bytes
         await asyncio.sleep(0.01)
 

@@ -7,6 +7,7 @@ import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ class FakeEngine:
             self.active[seq_id] = self.progress[seq_id] = produced + 1
         return StepResult(out, kept)
 
-    async def swap(self, spec: str) -> None:
+    async def prepare(self, spec: str) -> SimpleNamespace:
         """Another fake model: fails for "missing", else reports `spec` as its id and fingerprint."""
         from semcache.ops.errors import ModelLoadError
 
@@ -99,7 +100,11 @@ class FakeEngine:
         if spec == "missing":
             raise ModelLoadError("no model at 'missing'")
         original = spec == self._info.model_id
-        self.info = self._info if original else replace(self._info, model_id=spec, fingerprint="fp-" + spec)
+        return SimpleNamespace(info=self._info if original else replace(self._info, model_id=spec,
+                                                                         fingerprint="fp-" + spec))
+
+    def install(self, prepared: SimpleNamespace) -> None:
+        self.info = prepared.info
 
     async def close(self) -> None:
         self.closed = True

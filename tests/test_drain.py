@@ -1,8 +1,9 @@
 """Graceful drain on a real daemon: SIGTERM lets a running stream finish, refuses new work, writes
-the finished request's cache, and exits 0."""
+the finished request's cache, and exits 0. And the stop's time budget, on a fake engine."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -13,12 +14,18 @@ import sys
 import time
 import urllib.request
 
+import aiohttp
 import pytest
 
+from semcache.__main__ import shut_down
 from semcache.cache import entryfile as store
-from tests.conftest import free_port
+from semcache.http.app import make_app
+from semcache.http.appkeys import INFLIGHT
+from semcache.ops.config import Config
+from semcache.service.lifecycle import CACHE_WRITE, stop_seconds
+from tests.conftest import FakeEngine, free_port
+from tests.test_server import request_head, serving
 
-pytestmark = [pytest.mark.slow, pytest.mark.model]
 BODY = {"model": "m", "max_tokens": 48, "stream": True, "temperature": 0,
         "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]}
 HEADERS = {"content-type": "application/json", "anthropic-version": "2023-06-01", "X-Agent-ID": "drainer"}
@@ -62,6 +69,8 @@ def open_stream(port: int, max_tokens: int):
     return response
 
 
+@pytest.mark.slow
+@pytest.mark.model
 def test_drain_timeout_ends_running_streams_as_overloaded(tmp_path):
     """A stream still running when drain_timeout passes ends with an overloaded_error event; exit 0."""
     proc, port = start(tmp_path, SEMCACHE_DRAIN_TIMEOUT="1")
@@ -77,6 +86,8 @@ def test_drain_timeout_ends_running_streams_as_overloaded(tmp_path):
             proc.wait()
 
 
+@pytest.mark.slow
+@pytest.mark.model
 def test_second_signal_exits_at_once(tmp_path):
     """SIGTERM starts a drain; a second SIGTERM ends the process immediately (exit 1)."""
     proc, port = start(tmp_path, SEMCACHE_DRAIN_TIMEOUT="60")
@@ -94,6 +105,8 @@ def test_second_signal_exits_at_once(tmp_path):
             proc.wait()
 
 
+@pytest.mark.slow
+@pytest.mark.model
 def test_sigterm_drains(tmp_path):
     """In-flight stream completes after SIGTERM; a new request on an open connection gets 503 with
     Retry-After; new connections are refused; exit 0; the finished request's cache is on disk."""
@@ -131,3 +144,34 @@ def test_sigterm_drains(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def agents_on_disk(folder) -> set[str]:
+    return {store.read_meta(p).meta.agent for p in (folder / "entries").glob("*.safetensors")}
+
+
+class TestStopBudget:
+    async def test_a_client_that_never_finishes_its_request_cannot_delay_the_stop(self, tokenizer, tmp_path):
+        """The stop (drain, end what still runs, write the caches) with a handler that never ends
+        on its own, waiting for a request body that stopped arriving: done within the stop budget
+        less its write-out reserve (aiohttp alone would wait 60 s for that handler, past systemd's
+        SIGKILL), and a finished answer whose KV was only in memory is on disk after it."""
+        config = Config(drain_timeout=0.2, idle_timeout=600, cache_dir=str(tmp_path / "cache"),
+                        cache_write_through=False, cache_min_prefix=4)
+        app = make_app(config, engine=FakeEngine(tokenizer))
+        async with serving(app, config) as (runner, site, port):
+            async with aiohttp.ClientSession() as session:
+                body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi there"}]}
+                headers = {"anthropic-version": "2023-06-01", "X-Agent-ID": "finished"}
+                async with session.post(f"http://127.0.0.1:{port}/v1/messages", json=body, headers=headers) as r:
+                    assert r.status == 200
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_head("/v1/messages", 1000) + b"{")
+            while app[INFLIGHT].count == 0:  # its handler is waiting for the rest of the body
+                await asyncio.sleep(0.01)
+            assert agents_on_disk(tmp_path / "cache") == set()  # memory only, so far
+            start = time.monotonic()
+            await asyncio.wait_for(shut_down(app, runner, site, config.drain_timeout), stop_seconds(0.2))
+            assert time.monotonic() - start <= stop_seconds(config.drain_timeout) - CACHE_WRITE
+            writer.close()
+        assert agents_on_disk(tmp_path / "cache") == {"finished"}

@@ -19,8 +19,8 @@ ATOL = 1e-4
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def tiny_model():
-    mx.random.seed(0)
+def tiny_model(seed: int = 0):
+    mx.random.seed(seed)
     args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                            vocab_size=49152, rope_traditional=True, tie_word_embeddings=True)

@@ -201,6 +201,20 @@ def test_unit_stop_timeout_exceeds_drain(service):
     assert timeout >= default_drain_timeout() + CACHE_WRITE_MARGIN
 
 
+def test_stop_timeouts_are_the_daemons_stop_budget(service, plist):
+    """Both stop timeouts are the longest a stop takes with the default drain_timeout, as the daemon
+    bounds it (drain, the graces after it, the cache write-out): not shorter (a SIGKILL would land
+    before the caches are written), not longer (a hung stop would be noticed late)."""
+    from semcache.service.lifecycle import CACHE_WRITE, stop_seconds
+
+    budget = stop_seconds(default_drain_timeout())
+    assert time_span(service["TimeoutStopSec"]) == budget == plist["ExitTimeOut"]
+    assert CACHE_WRITE >= 5  # the write-out's own margin
+    rule = rf"drain_timeout\W[^+\n]*\+ {stop_seconds(0):.0f}\b"  # what each file tells one who raises it
+    for path in (UNIT, PLIST, README, ROOT / "config" / "semcache.toml"):
+        assert re.search(rule, path.read_text()), path
+
+
 def test_stop_timeouts_agree(service, plist):
     """The unit's TimeoutStopSec equals the plist's ExitTimeOut: the same drain budget on Linux and macOS."""
     assert time_span(service["TimeoutStopSec"]) == plist["ExitTimeOut"]

@@ -2,7 +2,8 @@
 
 `Engine` is the protocol the scheduler drives, so most tests use a fake. `MLXEngine` owns the thread
 (a single-worker executor made at start-up: MLX streams are thread-local) and runs model loading and
-every `Batcher.step` on it, so the event loop stays free while MLX computes.
+every `Batcher.step` on it, so the event loop stays free while MLX computes. A loaded model is put in
+place on the event loop, in one go, so nothing above ever sees half of a model swap.
 """
 
 from __future__ import annotations
@@ -11,12 +12,27 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Collection
 
 from semcache.engine.batch import Batcher
 from semcache.engine.types import Admission, ModelInfo, StepResult
 
 log = logging.getLogger("semcache.engine")
+
+
+@dataclass
+class Prepared:
+    """A loaded model not yet in place: what `MLXEngine.install` puts there."""
+
+    spec: str | None
+    loaded: Any  # models.LoadedModel
+    batcher: Batcher
+    seconds: float = 0.0
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.loaded.info
 
 
 class MLXEngine:
@@ -37,31 +53,27 @@ class MLXEngine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def load(self) -> None:
-        start = time.perf_counter()
-        await self._run(self._load_sync)
-        self.load_seconds = time.perf_counter() - start
+        self.install(await self.prepare(self.model_spec))
 
-    def _load_sync(self) -> None:
+    async def prepare(self, model_spec: str | None) -> Prepared:
+        """Load a model on the engine thread without putting it in place (`install` does): if this
+        is cancelled, the load still runs to its end there, and its result is dropped."""
+        start = time.perf_counter()
+        prepared = await self._run(self._prepare_sync, model_spec)
+        prepared.seconds = time.perf_counter() - start
+        return prepared
+
+    def _prepare_sync(self, model_spec: str | None) -> Prepared:
         from semcache.engine.models import load_model
 
-        loaded = (self._loader or load_model)(self.model_spec)
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.batcher = Batcher(loaded.model, self.prefill_chunk)
-        self.info = loaded.info
+        loaded = (self._loader or load_model)(model_spec)
+        return Prepared(model_spec, loaded, Batcher(loaded.model, self.prefill_chunk))
 
-    async def swap(self, model_spec: str) -> None:
-        """Load another model in place of this one; if that fails, this one stays (and it raises)."""
-        start = time.perf_counter()
-        await self._run(self._swap_sync, model_spec)
-        self.load_seconds = time.perf_counter() - start
-
-    def _swap_sync(self, model_spec: str) -> None:
-        previous, self.model_spec = self.model_spec, model_spec
-        try:
-            self._load_sync()  # assigns nothing until the new model has loaded
-        except BaseException:
-            self.model_spec = previous
-            raise
+    def install(self, prepared: Prepared) -> None:
+        """Put a prepared model in place, all at once on the event loop (nothing may be running)."""
+        loaded = prepared.loaded
+        self.model_spec, self.model, self.tokenizer = prepared.spec, loaded.model, loaded.tokenizer
+        self.batcher, self.info, self.load_seconds = prepared.batcher, loaded.info, prepared.seconds
 
     async def step(self, admit: list[Admission], release: list[int], keep: Collection[int] = ()) -> StepResult:
         return await self._run(self._step, admit, release, keep)

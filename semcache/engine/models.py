@@ -110,11 +110,14 @@ def load_model(spec: str | None) -> LoadedModel:
     else:
         if _is_local(spec) and not path.is_dir():
             raise ModelLoadError(f"model not found: {path} is neither a .gguf file nor an mlx-lm folder")
-        if path.is_dir():
-            _check_folder(path)
-        with _named(path if path.is_dir() else spec):
-            model, tokenizer, ctx, eos, model_id = _load_mlx_lm(spec, backend)
+        folder = path.is_dir()
+        if not folder:  # a repo id: its files are those of one snapshot, fingerprinted as a folder's
+            path = _snapshot(spec)
+        _check_folder(path)
+        with _named(path if folder else spec):
+            model, tokenizer, ctx, eos = _load_mlx_lm(path, backend)
             mx.eval(model.parameters())
+        model_id = spec.rstrip("/").split("/")[-1] if folder else spec
     nbytes = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
     dtype = _weights_dtype(model)
     itemsize = mx.float32.size if backend == "cpu" else mx.float16.size
@@ -192,7 +195,8 @@ def _fingerprint(path: Path, tokenizer: PreTrainedTokenizerFast, backend: str, d
     """Weights + tokenizer + chat template + backend and compute dtype: caches are only valid within one."""
     h = hashlib.sha256()
     # The weight files' identity (path, size, mtime: hashing gigabytes at every start would cost more
-    # than the cache saves) and the model config's content.
+    # than the cache saves) and the model config's content. An HF snapshot's files are links to
+    # blobs named by their content hash, which `resolve` names: a new revision is a new model.
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
     for f in files:
         st = f.stat()
@@ -205,14 +209,26 @@ def _fingerprint(path: Path, tokenizer: PreTrainedTokenizerFast, backend: str, d
     return h.hexdigest()[:32]
 
 
-def _load_mlx_lm(spec: str, backend: str):
-    """An mlx-lm folder or an HF repo id (local cache, or a download where the network allows)."""
+def _snapshot(repo: str) -> Path:
+    """The folder of an HF repo id's current snapshot, resolved as mlx-lm resolves it (the local
+    Hugging Face cache, or a download where the network allows). Loading from this folder, not
+    the id, keeps the files loaded and the files fingerprinted the same even if `refs/main` moves."""
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(repo))
+    except Exception as exc:  # huggingface_hub raises many types for missing/invalid repos
+        raise ModelLoadError(f"cannot load model {repo!r}: {' '.join(str(exc).split())}") from exc
+
+
+def _load_mlx_lm(folder: Path, backend: str):
+    """An mlx-lm folder (a local one, or an HF repo's snapshot)."""
     from mlx_lm.utils import load as mlx_lm_load
 
     try:
-        model, wrapper = mlx_lm_load(spec)
-    except Exception as exc:  # mlx-lm raises many types for missing/invalid repos
-        raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from exc
+        model, wrapper = mlx_lm_load(str(folder))
+    except Exception as exc:  # mlx-lm raises many types for invalid folders
+        raise ModelLoadError(f"cannot load model {str(folder)!r}: {exc}") from exc
     if backend == "cpu":
         _dequantize_in_place(model)
     tokenizer = wrapper._tokenizer
@@ -221,8 +237,7 @@ def _load_mlx_lm(spec: str, backend: str):
     eos = set(wrapper.eos_token_ids or ())
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
-    model_id = spec.rstrip("/").split("/")[-1] if os.path.isdir(spec) else spec
-    return model, tokenizer, ctx, eos, model_id
+    return model, tokenizer, ctx, eos
 
 
 def _dequantize_in_place(model: nn.Module) -> None:

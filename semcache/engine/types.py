@@ -82,8 +82,13 @@ class Engine(Protocol):
         """Drop `release` (returning the KV of those in `keep`), take in `admit` (starting from
         their cached prefix), and advance everything one step."""
 
-    async def swap(self, model_spec: str) -> None:
-        """Replace the model (nothing may be running); on failure the current one stays and it raises."""
+    async def prepare(self, model_spec: str) -> Any:
+        """Load another model without putting it in place; the result has its `info`. On failure,
+        or if cancelled, the current model stays (a cancelled load's result is dropped)."""
+
+    def install(self, prepared: Any) -> None:
+        """Put a prepared model in place at once: `info`, `tokenizer` and the model change together
+        (nothing may be running)."""
 
     async def close(self) -> None:
         """Free the model and stop the engine thread."""

@@ -9,7 +9,7 @@ from aiohttp import web
 from msgspec import Meta, Struct
 
 from semcache.ops.errors import ApiError, Kind, ModelLoadError, invalid
-from semcache.http.appkeys import METRICS, SERVICE
+from semcache.http.appkeys import SERVICE
 from semcache.http.body import decode_body
 from semcache.http.identity import DEFAULT_TENANT
 from semcache.ops.tenants import tenant_id
@@ -38,10 +38,11 @@ async def swap_model(request: web.Request) -> web.Response:
         seconds = await service.swap_model(body.model)
     except ModelLoadError as exc:
         raise invalid(f"the model was not swapped: {exc}", param="model") from None
+    except ApiError:  # a shutdown that stopped the swap says so itself
+        raise
     except Exception as exc:  # any load failure leaves the old model serving
         raise ApiError(Kind.INVALID_REQUEST, f"the model was not swapped: {exc}", param="model") from None
     info = service.info
-    request.app[METRICS].model_load_seconds.set(service.load_seconds or seconds)
     return web.json_response({"model": info.model_id, "path": info.path, "fingerprint": info.fingerprint,
                               "seconds": round(seconds, 3)})
 

@@ -73,6 +73,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     rate_limit_global_rpm: Annotated[int, Meta(ge=1)] | None = None
     # SIGTERM: seconds running requests may take to finish before they are ended.
     drain_timeout: Annotated[float, Meta(ge=0)] = 30.0
+    # Seconds a connection may wait on its client with no byte moving (no request, a body that
+    # stopped arriving, an answer not read) before it is closed; never a limit on a request's length.
+    idle_timeout: Seconds = 75.0
     log_level: str = "info"
     log_format: Literal["json", "text"] = "json"
     # The agent cache (docs/DESIGN.md, "The disk-hit path"; README "Agent cache"): byte budgets per tier, entry lifetime, smallest useful hit.

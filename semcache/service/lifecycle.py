@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from semcache.cache.entryfile import CacheDirLocked
@@ -18,10 +19,25 @@ from semcache.ops.config import Config
 from semcache.ops.metrics import Metrics
 from semcache.ops.ratelimit import RateLimiter
 from semcache.scheduler.scheduler import Limits, Scheduler
-from semcache.service.service import Service, settle_heap
+from semcache.service.service import Service
+from semcache.service.swap import settle_heap
 
 log = logging.getLogger("semcache")
 EXPIRE_EVERY = 600.0  # seconds between sweeps for cache entries past their TTL
+
+# The stop budget. A SIGTERM is done within stop_seconds(drain_timeout): the drain, then at most the
+# graces below, then the cache's write-out. The service files' stop timeouts (systemd TimeoutStopSec,
+# launchd ExitTimeOut) are that for the default drain_timeout; tests/test_service_files.py holds
+# them to it. aiohttp alone would wait 60 s for a slow handler, past them.
+STEP_GRACE = 5.0  # after the drain timeout: for the engine step in progress to end
+HANDLER_GRACE = 2.0  # then for handlers to write their last bytes
+CLOSE_GRACE = 1.0  # aiohttp's shutdown_timeout: a handler still running gets it twice (to end, once cancelled)
+CACHE_WRITE = 6.0  # writing the cache's memory-only entries (most are on disk already: write-through)
+
+
+def stop_seconds(drain_timeout: float) -> float:
+    """The longest a stop takes: what a service manager must allow before it sends SIGKILL."""
+    return drain_timeout + STEP_GRACE + HANDLER_GRACE + 2 * CLOSE_GRACE + CACHE_WRITE
 
 
 def build(config: Config, metrics: Metrics, limiter: RateLimiter | None, engine: Engine | None = None) -> Service:
@@ -111,7 +127,7 @@ async def drain(service: Service, timeout: float) -> None:
         log.warning("drain timeout: ending %d running requests", scheduler.num_running)
         scheduler.abort_running("the server shut down before the answer was finished")
         try:
-            await asyncio.wait_for(scheduler.wait_idle(), 5)
+            await asyncio.wait_for(scheduler.wait_idle(), STEP_GRACE)
         except asyncio.TimeoutError:  # a step that will not end: shut down around it
             log.error("the engine step did not finish; shutting down anyway")
 
@@ -119,10 +135,14 @@ async def drain(service: Service, timeout: float) -> None:
 async def close(service: Service) -> None:
     """Refuse new work, write the cache's memory-only entries to disk, free the model."""
     service.start_draining()
+    await service.models.end()  # before the cache closes: a swap still loading stops, undone
     await service.turns.close()
     try:
         if service.cache is not None:
+            start = time.perf_counter()
             await service.cache.close()  # memory entries not yet on disk are written now
+            seconds = time.perf_counter() - start
+            (log.warning if seconds > CACHE_WRITE else log.info)("agent cache written in %.1f s", seconds)
     finally:
         await service.engine.close()
 

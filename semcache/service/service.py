@@ -7,8 +7,6 @@ call `Service.start`, and render the Ticket's Sequence text and `Finished` event
 from __future__ import annotations
 
 import asyncio
-import gc
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -16,29 +14,20 @@ from semcache.text.chat import ChatMessage, PromptRenderer
 from semcache.ops.config import Config
 from semcache.engine.types import Engine, ModelInfo, SamplingParams
 from semcache.ops.errors import ApiError, Kind, invalid
-from semcache.text.grammar import GrammarError, Grammars, json_grammar
 from semcache.cache.index import ANON, AgentCache
 from semcache.scheduler.scheduler import Overloaded, Scheduler, TooLarge
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence
+from semcache.service.model import ModelView
 from semcache.service.request import Generation, Ticket, charge, failure, refusal
+from semcache.service.swap import Models
 from semcache.service.turns import Turns
-from semcache.engine.toolformat import format_for
-from semcache.text.reasoning import ThinkSplitter, opens_thinking, reasoned, reasons
+from semcache.text.reasoning import ThinkSplitter, opens_thinking, reasoned
 from semcache.text.tools import Tool, ToolFormat
 
 # What the HTTP layer may know of the layers below, handed on here: the service is its only seam.
 __all__ = ["ANON", "FinishReason", "Finished", "Generation", "ModelInfo", "SamplingParams", "Sequence", "Service",
            "Ticket", "charge", "failure", "refusal"]
 
-
-
-def settle_heap() -> None:
-    """Move everything alive once loaded (model, tokenizer, templates) out of the collector's view:
-    a full collection then scans only what requests allocate, instead of pausing the event loop for
-    every object of the start-up heap (tens of ms here, more on a loaded machine)."""
-    gc.unfreeze()  # after a swap, the old model's objects may go
-    gc.collect()
-    gc.freeze()
 
 
 class Service:
@@ -51,13 +40,8 @@ class Service:
         self.scheduler = scheduler
         self.cache = cache
         self.limiter = limiter  # ratelimit.RateLimiter, charged here: a limited request never queues
-        self._swap = asyncio.Lock()
-        self._not_swapping = asyncio.Event()  # cleared during a model swap: new prompts wait for it
-        self._not_swapping.set()
-        self._renderer: PromptRenderer | None = None
-        self._grammars: Grammars | None = None  # per model: reset with the renderer on a swap
+        self.models = Models(engine, scheduler, cache)
         self.turns = Turns(self)
-        self._reasons = False  # set with the renderer
 
     # What the HTTP layer reads and asks for -------------------------------------------------
 
@@ -130,16 +114,18 @@ class Service:
             raise ApiError(Kind.OVERLOADED, "the model is still loading", retry_after=2)
 
     async def tokenize(self, messages: list[ChatMessage], continue_final: bool = False,
-                       generate: bool = True, tools: list[Tool] | tuple[Tool, ...] = ()) -> list[int]:
-        """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes).
-        Without `generate`, the assistant turn is not opened (a prefix of any next turn's prompt)."""
-        return await self._render(self.renderer.render, messages, continue_final, generate, list(tools))
+                       generate: bool = True, tools: list[Tool] | tuple[Tool, ...] = (),
+                       view: ModelView | None = None) -> list[int]:
+        """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes), by
+        `view`'s model (default: the current one). Without `generate`, the assistant turn is not
+        opened (a prefix of any next turn's prompt)."""
+        renderer = (view or self.view).renderer
+        return await self._render(renderer.render, messages, continue_final, generate, list(tools))
 
     @property
     def reasons(self) -> bool:
         """The model thinks before it answers (its template knows <think> tags)."""
-        _ = self.renderer  # made with the model, it settles whether the model reasons
-        return self._reasons
+        return self.view.reasons
 
     def deltas(self, seq: Sequence):
         """The answer's text deltas; a reasoning model's thinking comes as Thinking pieces."""
@@ -152,29 +138,15 @@ class Service:
     def tool_format(self) -> ToolFormat:
         return self.renderer.tool_format
 
-    async def constraint(self, gen: Generation) -> Any:
-        """A new grammar.Constraint enforcing the request's tool_choice or JSON mode, or None.
-        Compiled off the event loop (the first one builds the model's llguidance tokenizer)."""
-        if not gen.json_mode and not gen.tools:
-            return None
-        if self._grammars is None:
-            self._grammars = Grammars(self.engine.tokenizer, self.engine.info.eos_token_ids)
-        try:
-            if gen.json_mode and not gen.tools:
-                return await asyncio.to_thread(self._grammars.compile, json_grammar(gen.json_schema))
-            return await asyncio.to_thread(self._grammars.for_tools, self.tool_format, list(gen.tools),
-                                           gen.tool_choice, gen.json_schema, gen.json_mode)
-        except GrammarError as exc:
-            where = "response_format.json_schema.schema" if gen.json_mode else "tools"
-            raise invalid(f"{where} cannot be enforced: {exc}", param=where) from None
-
     @property
     def renderer(self) -> PromptRenderer:
+        return self.view.renderer
+
+    @property
+    def view(self) -> ModelView:
+        """The loaded model's info, tokenizer, renderer and grammars, as one."""
         self.require_loaded()
-        if self._renderer is None:
-            self._renderer = PromptRenderer(self.engine.tokenizer, format_for(self.engine.tokenizer))
-            self._reasons = reasons(self.engine.tokenizer)
-        return self._renderer
+        return self.models.view
 
     async def _render(self, fn, *args):
         try:
@@ -213,9 +185,26 @@ class Service:
 
     async def _prepare(self, gen: Generation, warm: bool) -> Ticket:
         """Tokenize (with the model that will run it), check the context, charge the rate limit."""
-        await self._not_swapping.wait()
-        prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools)
-        context = self.engine.info.context_length
+        while True:
+            await self.models.settled()
+            view = self.view
+            ticket = await self._ticket(gen, warm, view)
+            await self.models.settled()  # a swap begun meanwhile ends first
+            if self.models.current(view):
+                break  # else the model was swapped under this prompt: tokenize it for the new one
+        if warm:
+            ticket.stored = self.scheduler.when_stored(ticket.seq)
+        if self.limiter is not None and gen.rate_key is not None:
+            # The prompt and the first step of output up front; the rest as generated (at settle).
+            first = min(ticket.seq.max_output, self.scheduler.limits.kv_grow_tokens)
+            ticket.grant = charge(self.limiter, gen.rate_key, ticket.seq.num_prompt_tokens + first)
+        return ticket
+
+    async def _ticket(self, gen: Generation, warm: bool, view: ModelView) -> Ticket:
+        """The generation's sequence, every part of it from `view`'s model: ids, context, fingerprint."""
+        prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools,
+                                         view=view)
+        context = view.info.context_length
         if len(prompt_ids) >= context:
             # Anthropic's exact words: Claude Code matches the whole message to tell the user the
             # conversation no longer fits (and to offer compaction). M leaves one token to generate.
@@ -227,47 +216,28 @@ class Service:
             prompt_ids=prompt_ids,
             max_tokens=min(gen.max_tokens, self.config.max_output_tokens or gen.max_tokens),
             context_length=context,
-            sampling=replace(gen.sampling, constraint=None if warm else await self.constraint(gen)),
+            sampling=replace(gen.sampling, constraint=None if warm else await view.constraint(gen)),
             stop=gen.stop,
             priority=gen.priority,
             tenant=gen.tenant,
             agent=gen.agent,
             background=gen.background,
             fresh_start=gen.fresh_start,
-            fingerprint=self.engine.info.fingerprint,
+            fingerprint=view.info.fingerprint,
         )
         ticket = Ticket(seq)
         if gen.breakpoint:
-            ticket.cache_breakpoint = await self._render(self.renderer.count_prefix, gen.messages, gen.breakpoint,
+            ticket.cache_breakpoint = await self._render(view.renderer.count_prefix, gen.messages, gen.breakpoint,
                                                          list(gen.tools))
-        if warm:
-            ticket.stored = self.scheduler.when_stored(seq)
-        if self.limiter is not None and gen.rate_key is not None:
-            # The prompt and the first step of output up front; the rest as generated (at settle).
-            first = min(seq.max_output, self.scheduler.limits.kv_grow_tokens)
-            ticket.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + first)
         return ticket
 
     async def swap_model(self, spec: str) -> float:
         """Load another model: new requests wait in the queue, running ones finish, then the swap;
-        this model's caches stay on disk under its fingerprint. On failure the old model stays."""
+        this model's caches stay on disk under its fingerprint. On failure the old model stays.
+        A caller cancelled meanwhile (its client went away) leaves the swap to end whole."""
         if self.scheduler.draining:
             raise ApiError(Kind.UNAVAILABLE, "the server is shutting down", retry_after=5)
-        async with self._swap:
-            start = time.perf_counter()
-            self.scheduler.pause()
-            self._not_swapping.clear()
-            try:
-                await self.scheduler.wait_idle()
-                await self.engine.swap(spec)
-                self._renderer = self._grammars = None
-                settle_heap()
-                if self.cache is not None:
-                    await self.cache.switch(self.engine.info.fingerprint)
-            finally:
-                self._not_swapping.set()
-                self.scheduler.resume()
-            return time.perf_counter() - start
+        return await self.models.swap(spec)
 
     def release(self, ticket: Ticket) -> None:
         """The handler is done with the request: stop it if still running; refund unused tokens."""
