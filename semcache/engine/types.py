@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, NamedTuple, Protocol
 
 from semcache.cache.kvdata import KVData
+from semcache.cache.layout import KVLayout
 
 __all__ = ["Admission", "Engine", "ModelInfo", "SamplingParams", "StepResult"]
 
@@ -69,6 +70,7 @@ class ModelInfo:
     dtype: str = "float32"
     nbytes: int = 0
     fingerprint: str = ""
+    kv_layout: KVLayout | None = None  # per layer KV heads and head dims, and dtype (None: unknown)
 
 
 class Engine(Protocol):
