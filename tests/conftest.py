@@ -36,6 +36,8 @@ class FakeEngine:
     Records every step's admissions and releases so tests can check what the scheduler did. Its
     "KV cache" holds each fed token id as the value, so a cache hit can be checked token by token:
     `prefix_errors` lists every admission whose cached prefix was not its own prompt's start.
+    With `reject_prefixes`, it fails on every hit as a real engine does on a bad one: the step
+    reports it rejected and the sequence runs from scratch.
     """
 
     def __init__(self, tokenizer, reply: str = FAKE_REPLY, step_delay: float = 0.0,
@@ -57,6 +59,8 @@ class FakeEngine:
         self.released: list[int] = []
         self.num_steps = 0
         self.fail_next_step = False
+        self.reject_prefixes = False
+        self.rejected: list[int] = []
         self.closed = False
 
     async def load(self) -> None:
@@ -78,7 +82,9 @@ class FakeEngine:
                 self._resumed.add(a.seq_id)
             self.fed[a.seq_id] = list(a.prompt_ids)
             self.admitted.append(a.seq_id)
-            if a.prefix is not None:
+            if a.prefix is not None and self.reject_prefixes:
+                self.rejected.append(a.seq_id)
+            elif a.prefix is not None:
                 self.hits[a.seq_id] = n = a.prefix.num_tokens
                 if a.prefix.layers[0][0][0, 0, :, 0].astype(int).tolist() != list(a.prompt_ids[:n]):
                     self.prefix_errors.append(a.seq_id)
@@ -93,7 +99,7 @@ class FakeEngine:
             self._resumed.discard(seq_id)
             out[seq_id] = self.reply_ids[min(produced, len(self.reply_ids) - 1)]
             self.active[seq_id] = self.progress[seq_id] = produced + 1
-        return StepResult(out, kept)
+        return StepResult(out, kept, frozenset(a.seq_id for a in admit if a.seq_id in self.rejected))
 
     async def swap(self, spec: str) -> None:
         """Another fake model: fails for "missing", else reports `spec` as its id and fingerprint."""

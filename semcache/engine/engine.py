@@ -46,7 +46,7 @@ class MLXEngine:
 
         loaded = (self._loader or load_model)(self.model_spec)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.batcher = Batcher(loaded.model, self.prefill_chunk)
+        self.batcher = Batcher(loaded.model, self.prefill_chunk, loaded.info.kv_layout)
         self.info = loaded.info
 
     async def swap(self, model_spec: str) -> None:
@@ -72,7 +72,7 @@ class MLXEngine:
         except Exception:
             # A failed step may leave the batch half-updated: start clean (the scheduler fails
             # every running sequence) rather than decode from a cache nobody can trust.
-            self.batcher = Batcher(self.model, self.prefill_chunk)
+            self.batcher = Batcher(self.model, self.prefill_chunk, self.info.kv_layout)
             raise
 
     async def close(self) -> None:

@@ -55,6 +55,8 @@ class Admission:
 class StepResult(NamedTuple):
     tokens: dict[int, int]  # seq_id -> the token it sampled this step
     kept: dict[int, KVData]  # seq_id -> KV of a released sequence that asked to keep it
+    # seq_ids whose cached prefix the engine could not use: they are prefilled from scratch instead
+    rejected: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ class Service:
                 self._renderer = self._grammars = None
                 settle_heap()
                 if self.cache is not None:
-                    await self.cache.switch(self.engine.info.fingerprint)
+                    await self.cache.switch(self.engine.info.fingerprint, self.engine.info.kv_layout)
             finally:
                 self._not_swapping.set()
                 self.scheduler.resume()
