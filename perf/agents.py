@@ -155,8 +155,10 @@ def disk_load(workdir: Path, tokens: int = 2000, repeats: int = 5) -> dict:
     import numpy as np
 
     from semcache.cache import entryfile as store
+    from semcache.cache.cachedir import lock_dir
+    from semcache.cache.layout import KVLayout
+    from semcache.cache.reader import read_entry
     from semcache.engine.batchkv import restore
-    from semcache.cache.disk import read_entry
     from semcache.cache.kvdata import KVData
 
     layers, heads, dim = 30, 3, 64  # SmolLM2-135M
@@ -166,7 +168,8 @@ def disk_load(workdir: Path, tokens: int = 2000, repeats: int = 5) -> dict:
                   "float32")
     ids = np.arange(tokens, dtype=np.int32)
     directory = workdir / "disk-load"
-    store.lock_dir(directory)
+    lock_dir(directory)
+    layout = KVLayout(((heads, dim, dim),) * layers, "float32")
     meta = store.EntryMeta("bench", "fp", "t", "a", True, tokens, "float32", "native", 0.0, 0.0)
     stored = store.write(directory, meta, data.to_tensors(ids))
 
@@ -175,12 +178,12 @@ def disk_load(workdir: Path, tokens: int = 2000, repeats: int = 5) -> dict:
         return median_seconds(fn, repeats)
 
     def to_mlx():
-        _, _, loaded = read_entry(stored.path)
+        _, _, loaded = read_entry(stored.path, layout)
         caches = [restore(k, v, loaded.dtype) for k, v in loaded.layers]
         mx.eval([(c.keys, c.values) for c in caches])
 
     plain = timed(lambda: stored.path.read_bytes())
-    load = timed(lambda: read_entry(stored.path))
+    load = timed(lambda: read_entry(stored.path, layout))
     load_mlx = timed(to_mlx)
     return {"tokens": tokens, "file_bytes": stored.size, "plain_read_s": plain, "load_verified_s": load,
             "load_verified_to_mlx_s": load_mlx, "load_over_plain": load / plain,

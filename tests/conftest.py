@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import replace
@@ -16,6 +18,7 @@ from aiohttp import web
 from semcache.engine.types import Admission, ModelInfo, StepResult
 from semcache.ops.config import Config
 from semcache.cache.kvdata import KVData
+from semcache.cache.layout import KVLayout
 
 FAKE_REPLY = "The quick brown fox jumps over the lazy dog."
 EOS = 2
@@ -34,6 +37,8 @@ class FakeEngine:
     Records every step's admissions and releases so tests can check what the scheduler did. Its
     "KV cache" holds each fed token id as the value, so a cache hit can be checked token by token:
     `prefix_errors` lists every admission whose cached prefix was not its own prompt's start.
+    With `reject_prefixes`, it fails on every hit as a real engine does on a bad one: the step
+    reports it rejected and the sequence runs from scratch.
     """
 
     def __init__(self, tokenizer, reply: str = FAKE_REPLY, step_delay: float = 0.0,
@@ -42,7 +47,8 @@ class FakeEngine:
         self.reply_ids = tokenizer.encode(reply, add_special_tokens=False) + [EOS]
         self.step_delay = step_delay
         self.load_delay = load_delay
-        self._info = ModelInfo("fake-model", context_length, frozenset({0, EOS}), kv_bytes_per_token)
+        self._info = ModelInfo("fake-model", context_length, frozenset({0, EOS}), kv_bytes_per_token,
+                               kv_layout=FAKE_LAYOUT)
         self.info: ModelInfo | None = None
         self.active: dict[int, int] = {}  # seq_id -> tokens produced
         self.progress: dict[int, int] = {}  # seq_id -> tokens produced, kept across a preemption
@@ -54,6 +60,8 @@ class FakeEngine:
         self.released: list[int] = []
         self.num_steps = 0
         self.fail_next_step = False
+        self.reject_prefixes = False
+        self.rejected: list[int] = []
         self.closed = False
 
     async def load(self) -> None:
@@ -75,7 +83,9 @@ class FakeEngine:
                 self._resumed.add(a.seq_id)
             self.fed[a.seq_id] = list(a.prompt_ids)
             self.admitted.append(a.seq_id)
-            if a.prefix is not None:
+            if a.prefix is not None and self.reject_prefixes:
+                self.rejected.append(a.seq_id)
+            elif a.prefix is not None:
                 self.hits[a.seq_id] = n = a.prefix.num_tokens
                 if a.prefix.layers[0][0][0, 0, :, 0].astype(int).tolist() != list(a.prompt_ids[:n]):
                     self.prefix_errors.append(a.seq_id)
@@ -90,7 +100,7 @@ class FakeEngine:
             self._resumed.discard(seq_id)
             out[seq_id] = self.reply_ids[min(produced, len(self.reply_ids) - 1)]
             self.active[seq_id] = self.progress[seq_id] = produced + 1
-        return StepResult(out, kept)
+        return StepResult(out, kept, frozenset(a.seq_id for a in admit if a.seq_id in self.rejected))
 
     async def prepare(self, spec: str) -> SimpleNamespace:
         """Another fake model: fails for "missing", else reports `spec` as its id and fingerprint."""
@@ -110,10 +120,32 @@ class FakeEngine:
         self.closed = True
 
 
+FAKE_LAYOUT = KVLayout(((1, 1, 1),), "float32")  # fake_kv's: one layer, one head, head dim 1
+
+
 def fake_kv(token_ids: list[int]) -> KVData:
     """A one-layer KV whose values are the token ids themselves (for checking hits exactly)."""
     a = np.array(token_ids, dtype=np.float32).reshape(1, 1, len(token_ids), 1)
     return KVData(((a, a.copy()),), "float32")
+
+
+def rewrite_header(path, edit, reseal: bool = True) -> None:
+    """Rewrite an entry file's JSON header as `edit(header)` leaves it. With `reseal`, the content
+    hash is recomputed: a planted file, which only the checks of its contents can refuse."""
+    from semcache.cache import entryfile as store
+
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    edit(header)
+    strings = header.get("__metadata__")
+    if reseal and isinstance(strings, dict):
+        table = {name: spec for name, spec in header.items() if name != "__metadata__"}
+        views = [memoryview(data)[spec["data_offsets"][0] : spec["data_offsets"][1]] for spec in table.values()]
+        strings["content_hash"] = store._hash(store._canonical(strings, table), views)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
 
 
 @pytest.fixture

@@ -11,9 +11,12 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
+from semcache.cache.kvdata import KVData
+from semcache.cache.layout import KVLayout
+from semcache.engine.batch import Batcher
 from semcache.engine.types import Admission, ModelInfo, SamplingParams
 from semcache.engine.engine import MLXEngine
-from semcache.engine.models import LoadedModel, kv_bytes_per_token
+from semcache.engine.models import LoadedModel, kv_bytes_per_token, kv_layout
 
 ATOL = 1e-4
 GREEDY = SamplingParams(temperature=0.0)
@@ -270,6 +273,82 @@ class TestCachedPrefix:
             for step in range(steps):
                 np.testing.assert_allclose(captured[seq_id][step], ref[step], atol=ATOL,
                                            err_msg=f"sequence {seq_id}, step {step}")
+
+
+class TestRejectedHits:
+    """A hit whose KV the model cannot take (a planted or damaged entry that got this far) fails its
+    own row, not the batch: the row runs from scratch, exactly, and the step reports it rejected."""
+
+    def greedy_tokens(self, batcher, admit, steps: int) -> tuple[dict[int, list[int]], set[int]]:
+        """Step until every admitted sequence has `steps` tokens; (tokens, rejected seq_ids)."""
+        tokens = {a.seq_id: [] for a in admit}
+        rejected: set[int] = set()
+        for _ in range(200):
+            if min(map(len, tokens.values())) >= steps:
+                break
+            result = batcher.step(admit, [])
+            admit = []
+            rejected |= result.rejected
+            for seq_id, token in result.tokens.items():
+                tokens[seq_id].append(token)
+        batcher.step([], list(tokens))
+        return {k: v[:steps] for k, v in tokens.items()}, rejected
+
+    def cold(self, engine, prompt: list[int], steps: int) -> list[int]:
+        ref = engine._executor.submit(reference_logits, engine.model, prompt, steps).result()
+        return [int(np.argmax(r)) for r in ref]
+
+    @staticmethod
+    def bad_kv(num_tokens: int, heads: int = 1, head_dim: int = 16, dtype: str = "float32") -> KVData:
+        """The tiny model's KV has 2 kv heads of dim 16 in float32 per layer."""
+        a = np.zeros((1, heads, num_tokens, head_dim), dtype)
+        return KVData(((a, a), (a, a)), dtype)
+
+    def test_a_hit_that_fails_in_the_model_runs_cold_next_to_a_healthy_row(self, engine, tokenizer):
+        """A hit with one kv head (the model has two) next to a cold prompt: no exception, both answer
+        as cold runs, only the hit is reported rejected."""
+        ps = prompts(tokenizer)
+        bad = ps[1] + ps[0]
+        admit = [Admission(20, bad, GREEDY, prefix=self.bad_kv(len(ps[1]))), Admission(21, ps[2], GREEDY)]
+        tokens, rejected = engine._executor.submit(self.greedy_tokens, engine.batcher, admit, 4).result()
+        assert rejected == {20}
+        assert tokens[20] == self.cold(engine, bad, 4) and tokens[21] == self.cold(engine, ps[2], 4)
+
+    def test_a_bad_hit_in_a_group_of_hits_leaves_the_good_one_served(self, engine, tokenizer):
+        """Two hits prefilled as one group, one of them bad (head dim 8: the group's merge fails): the
+        group retries each alone; the good one resumes its prefix (not rejected), the bad one runs
+        cold; both answer exactly."""
+        ps = prompts(tokenizer)
+        tail = tokenizer.encode(" so", add_special_tokens=False)
+
+        def run():
+            admit = [Admission(0, ps[0], GREEDY)]
+            while not engine.batcher.step(admit, []).tokens:
+                admit = []
+            kept = engine.batcher.step([], [0], keep=[0]).kept[0]
+            good = Admission(30, ps[0] + tail, GREEDY, prefix=kept.prefix(len(ps[0])))
+            bad = Admission(31, ps[3] + tail, GREEDY, prefix=self.bad_kv(len(ps[3]), heads=2, head_dim=8))
+            return self.greedy_tokens(engine.batcher, [good, bad], 3)
+
+        tokens, rejected = engine._executor.submit(run).result()
+        assert rejected == {31}
+        assert tokens[30] == self.cold(engine, ps[0] + tail, 3) and tokens[31] == self.cold(engine, ps[3] + tail, 3)
+
+    def test_a_hit_not_of_the_models_layout_is_refused_before_mlx_sees_it(self, engine, tokenizer):
+        """With the model's layout known (as a loaded model's is), a hit of another dtype (which MLX
+        would silently promote) is refused at admission: rejected, run cold."""
+        ps = prompts(tokenizer)
+        layout = engine._executor.submit(kv_layout, engine.model).result()
+        assert layout == KVLayout(((2, 16, 16), (2, 16, 16)), "float32")
+        prompt = ps[1] + ps[0]
+
+        def run():
+            batcher = Batcher(engine.model, engine.prefill_chunk, layout)
+            admit = [Admission(40, prompt, GREEDY, prefix=self.bad_kv(len(ps[1]), heads=2, dtype="float16"))]
+            return self.greedy_tokens(batcher, admit, 3)
+
+        tokens, rejected = engine._executor.submit(run).result()
+        assert rejected == {40} and tokens[40] == self.cold(engine, prompt, 3)
 
 
 class TestConstrainedSampling:

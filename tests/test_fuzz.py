@@ -1,27 +1,35 @@
 """Hostile bodies on every POST route: never a 5xx, every error in the route's dialect,
-and the daemon still answers correctly afterwards. Plus a regression test for each bug it found."""
+and the daemon still answers correctly afterwards. Plus a regression test for each bug it found,
+and hostile agent cache files (planted header fields): quarantined or served exactly, never a crash."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.client
 import json
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import msgspec
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, seed, settings, strategies as st
 
+from semcache.cache import entryfile as store
+from semcache.cache.cachedir import lock_dir
+from semcache.cache.index import AgentCache, CacheLimits
 from semcache.http.anthropic import CountTokensRequest, chat_messages as anthropic_chat_messages
 from semcache.http.app import make_app
 from semcache.text.chat import ChatMessage, StopMatcher, merge_turns
 from semcache.ops.config import Config
-from tests.conftest import FAKE_REPLY, FakeEngine, serve_in_thread
+from tests.conftest import FAKE_LAYOUT, FAKE_REPLY, FakeEngine, fake_kv, rewrite_header, serve_in_thread
 
 ADMIN_KEY = "fuzz-admin-key"
 MAX_BODY = 64 << 10  # small, so an oversized body is cheap to send
@@ -680,3 +688,63 @@ class TestStopMatcherScale:
             held = max((n for s in stops for n in range(1, len(s)) if fed.endswith(s[:n])), default=0)
             assert matcher.pending == fed[len(fed) - held:]
             assert emitted + matcher.pending == fed
+
+
+class TestPlantedCacheFiles:
+    """Agent cache files written by the cache's own writer, then given hypothesis-made header fields
+    (metadata values and tensor table entries of any JSON type; the content hash resealed, so only
+    the checks can refuse them): the cache opens on them without an error or a hang, and each file
+    is quarantined, kept as another model's (a fingerprint changed to another string), or served as
+    exactly the KV that was written."""
+
+    FIELDS = ["key", "fingerprint", "tenant", "agent", "named", "num_tokens", "dtype", "encoding", "created",
+              "last_use", "format"]
+    plausible = st.sampled_from(["0", "1", "-1", "20", "2e9", "1e12", "nan", "inf", "1e999", "", "float16",
+                                 "bfloat16", "float32", "native", "int8", "int4", "F16", "U8", "I32", "fp"])
+    value = plausible | text | st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+        st.lists(st.integers(-2, 40), max_size=5), st.dictionaries(text, st.integers(), max_size=2))
+
+    @settings(max_examples=100, derandomize=True, **FUZZ)
+    @given(meta=st.dictionaries(st.sampled_from(FIELDS), value, max_size=3),
+           table=st.lists(st.tuples(st.sampled_from(["tokens", "layers.0.keys", "layers.0.values"]),
+                                    st.sampled_from(["dtype", "shape"]), value), max_size=2))
+    def test_planted_header_fields_are_quarantined_or_served_exactly(self, meta, table):
+        tokens = list(range(1000, 1020))
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp)
+            lock_dir(directory).close()
+            written = store.EntryMeta("ab" * 8, "fp", "t", "agent-1", True, 20, "float32", "native", 1000.0, 1000.0)
+            path = store.write(directory, written, fake_kv(tokens).to_tensors(np.asarray(tokens, np.int32))).path
+
+            def edit(header):
+                header["__metadata__"].update(meta)
+                for name, field, value in table:
+                    header[name][field] = value
+
+            rewrite_header(path, edit)
+            served, quarantined, foreign = asyncio.run(asyncio.wait_for(self.open_and_load(directory), 10.0))
+        assert [served is not None, quarantined, foreign].count(True) == 1, (served, quarantined, foreign)
+        if served is not None:
+            entry, data = served
+            assert all(isinstance(v, str) for v in (entry.key, entry.tenant, entry.agent, entry.dtype))
+            assert isinstance(entry.named, bool) and entry.last_use <= time.time()
+            assert entry.tokens.tolist() == tokens and data == fake_kv(tokens).layers[0][0].tobytes()
+
+    @staticmethod
+    async def open_and_load(directory):
+        """(the entry and its keys' bytes, if it loads), whether a file was quarantined, whether one is
+        kept as another model's."""
+        cache = AgentCache(CacheLimits(min_prefix=4, ttl=1e10), directory)
+        try:
+            await cache.lock()
+            await cache.open("fp", FAKE_LAYOUT)
+            served = None
+            for entry in list(cache.entries.values()):
+                if await cache.fetch(entry):
+                    served = entry, entry.data.layers[0][0].tobytes()
+            await cache.settle()
+            cache.check_integrity()
+            return served, any((directory / "quarantine").iterdir()), bool(cache.foreign)
+        finally:
+            await cache.close()

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from dataclasses import replace
+import threading
+import time
 
 import numpy as np
 import pytest
 
+from semcache.cache import access, cachedir, iothread, reader
 from semcache.cache import entryfile as store
+from semcache.cache.cachedir import CacheDirLocked
 from semcache.cache.index import ANON, MISS, AgentCache, CacheLimits, common_prefix
 from semcache.cache.kvdata import KVData
+from semcache.cache.layout import KVLayout
 from semcache.ops.config import Config
-from tests.conftest import fake_kv
+from tests.conftest import FAKE_LAYOUT, fake_kv, rewrite_header
 
 T, OTHER = "tenant-a", "tenant-b"
 ENTRY_TOKENS = 100
@@ -88,11 +94,12 @@ class Harness:
         self.clock = Clock()
         self.live: list[AgentCache] = []
 
-    async def open(self, limits: CacheLimits = LIMITS, fingerprint: str = "fp-A", directory="default") -> AgentCache:
+    async def open(self, limits: CacheLimits = LIMITS, fingerprint: str = "fp-A", directory="default",
+                   layout: KVLayout | None = None) -> AgentCache:
         cache = AgentCache(limits, self.directory if directory == "default" else directory, clock=self.clock)
         self.live.append(cache)
         await cache.lock()
-        await cache.open(fingerprint)
+        await cache.open(fingerprint, layout)
         check(cache)
         return cache
 
@@ -101,9 +108,10 @@ class Harness:
         await cache.close()
         cache.check_integrity()
 
-    async def reopen(self, cache: AgentCache, fingerprint: str = "fp-A", limits: CacheLimits | None = None):
+    async def reopen(self, cache: AgentCache, fingerprint: str = "fp-A", limits: CacheLimits | None = None,
+                     layout: KVLayout | None = None):
         await self.close(cache)
-        return await self.open(limits or cache.limits, fingerprint)
+        return await self.open(limits or cache.limits, fingerprint, layout=layout)
 
 
 @pytest.fixture
@@ -557,7 +565,7 @@ class TestAgentCache:
         """a second cache cannot take a directory in use; after close it can."""
         cache = await h.open()
         second = AgentCache(LIMITS, h.directory, clock=h.clock)
-        with pytest.raises(store.CacheDirLocked):
+        with pytest.raises(CacheDirLocked):
             await second.lock()
         await second.close()
         await h.close(cache)
@@ -733,6 +741,336 @@ class TestRaces:
         assert entry.path is not None, "entry stuck in the writing tier"
         assert store.read_meta(entry.path).meta.encoding == "native"  # head_dim 80 is not in groups of 32
         assert cache.writing_bytes == 0
+
+
+def planted(directory, key: str, tokens: list[int], heads: int = 1, head_dim: int = 1, layers: int = 1,
+            dtype: str = "float32", array_dtype: str | None = None, agent: str = "agent-1"):
+    """An entry file of fingerprint fp-A written by the cache's own writer (valid hash) holding KV
+    of the given shape: only a check against the model's KV layout can refuse it."""
+    shape = (1, heads, len(tokens), head_dim)
+    data = KVData(tuple((np.zeros(shape, array_dtype or dtype), np.zeros(shape, array_dtype or dtype))
+                        for _ in range(layers)), dtype)
+    meta = store.EntryMeta(key, "fp-A", T, agent, True, len(tokens), dtype, "native", 1000.0, 1000.0)
+    return store.write(directory, meta, data.to_tensors(np.asarray(tokens, np.int32)))
+
+
+PLANTED_SHAPES = {"kv-heads": dict(heads=2), "head-dim": dict(head_dim=2), "layers": dict(layers=2),
+                  "dtype": dict(dtype="float16"), "arrays-not-the-dtype": dict(array_dtype="uint8")}
+
+
+class TestPlantedFiles:
+    """Files built by the cache's own writer, then planted or damaged: each is quarantined (at start
+    if its header shows it, else when loaded), start-up neither fails nor hangs, and the rest serve."""
+
+    @pytest.mark.parametrize("field,value", [("tenant", ["t"]), ("key", 7), ("named", 1), ("num_tokens", 20),
+                                             ("last_use", 2e9), ("agent", None)])
+    async def test_a_non_string_header_field_is_quarantined_and_start_up_goes_on(self, h, field, value):
+        """a header value that is not a string (the hash resealed) is refused at start, not a crash."""
+        cache = await h.open()
+        bad = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        good = cache.put(T, "agent-2", seq(20, 5000), fake_kv(seq(20, 5000)))
+        await h.close(cache)
+        rewrite_header(bad.path, lambda header: header["__metadata__"].__setitem__(field, value))
+        cache = await h.open()
+        await settle(cache)
+        assert list(cache.entries) == [good.key] and files(h.directory, "quarantine") == {bad.path.name}
+        assert await load(cache, cache.entries[good.key])
+
+    @pytest.mark.parametrize("kind", ["fifo", "folder", "symlink"])
+    async def test_anything_but_a_regular_file_in_entries_is_quarantined_without_a_hang(self, h, tmp_path, kind):
+        """a FIFO (its open would block start-up for ever), a folder or a symlink named as an entry."""
+        cache = await h.open()
+        good = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await h.close(cache)
+        path = h.directory / "entries" / ("ab" * 8 + store.SUFFIX)
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "folder":
+            path.mkdir()
+        else:
+            (tmp_path / "elsewhere" / "entries").mkdir(parents=True)
+            path.symlink_to(planted(tmp_path / "elsewhere", "ab" * 8, seq(20, 7000)).path)
+        try:
+            cache = await asyncio.wait_for(h.open(), 5.0)
+            await settle(cache)
+        finally:
+            _unblock(path)
+        assert list(cache.entries) == [good.key] and files(h.directory, "quarantine") == {path.name}
+
+    @pytest.mark.parametrize("shape", PLANTED_SHAPES)
+    async def test_kv_not_of_the_models_layout_is_quarantined_at_start(self, h, shape):
+        """a file of this model's fingerprint whose KV is not the model's (layer count, kv heads, head
+        dim, dtype) is refused from its header when the cache opens: never handed to MLX."""
+        cache = await h.open(layout=FAKE_LAYOUT)
+        good = cache.put(T, "agent-2", seq(20, 5000), fake_kv(seq(20, 5000)))
+        await h.close(cache)
+        bad = planted(h.directory, "ab" * 8, seq(20), **PLANTED_SHAPES[shape])
+        cache = await h.open(layout=FAKE_LAYOUT)
+        await settle(cache)
+        assert list(cache.entries) == [good.key] and files(h.directory, "quarantine") == {bad.path.name}
+        assert cache.lookup(T, "agent-1", seq(25)) is MISS
+
+    @pytest.mark.parametrize("shape", PLANTED_SHAPES)
+    async def test_kv_not_of_the_models_layout_swapped_in_later_is_quarantined_at_load(self, h, shape):
+        """the same file put in place of an indexed entry's (same key, tokens and fingerprint): the
+        arrays read are checked before use, so the load is a miss and the file is quarantined."""
+        cache = await h.open(layout=FAKE_LAYOUT)
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await cache.evict(T, "agent-1")
+        name = entry.path.name
+        planted(h.directory, entry.key, seq(20), **PLANTED_SHAPES[shape])
+        assert await load(cache, entry) is False
+        check(cache)
+        assert entry.removed and files(h.directory, "quarantine") == {name}
+
+    async def test_a_file_named_for_another_key_is_quarantined(self, h):
+        """an entry file renamed (its header's key is not its name) is refused at start."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await h.close(cache)
+        moved = entry.path.with_name("cd" * 8 + store.SUFFIX)
+        os.replace(entry.path, moved)
+        cache = await h.open()
+        await settle(cache)
+        assert cache.entries == {} and files(h.directory, "quarantine") == {moved.name}
+
+    async def test_a_last_use_in_the_future_is_clamped_to_now(self, h):
+        """a planted last use far in the future would pin the entry against expiry: it is now."""
+        cache = await h.open()
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await h.close(cache)
+        rewrite_header(entry.path, lambda header: header["__metadata__"].__setitem__("last_use", "1e12"))
+        cache = await h.open()
+        assert cache.entries[entry.key].last_use == h.clock()
+        h.clock.tick(LIMITS.ttl + 1)
+        cache.expire()
+        await settle(cache)
+        assert cache.entries == {} and files(h.directory) == set()
+
+    @pytest.mark.parametrize("where", ["memory", "disk"])
+    async def test_reject_quarantines_the_file_and_forgets_the_entry(self, h, where):
+        """an entry the engine failed on (resident, from disk or not yet written) is dropped and its
+        file, if any, moved to quarantine; the accounting holds."""
+        cache = await h.open(CacheLimits(ttl=1000.0, min_prefix=4, write_through=where == "disk"))
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await settle(cache)
+        name = entry.path.name if entry.path is not None else None
+        await cache.disk.reject(entry)
+        check(cache)
+        assert entry.removed and cache.entries == {} and cache.lookup(T, "agent-1", seq(25)) is MISS
+        assert files(h.directory) == set()
+        assert files(h.directory, "quarantine") == ({name} if name else set())
+        await cache.disk.reject(entry)  # twice: nothing more happens
+
+
+def _unblock(path) -> None:
+    """Open a FIFO for writing, so a reader blocked on it (in a thread of an unfixed build) wakes."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def enospc(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class TestDiskFullAtStart:
+    """A full disk when the daemon starts: the entries on disk are indexed and served all the same,
+    and writes start again, with backoff, once space returns. ENOSPC is simulated."""
+
+    async def test_entries_are_indexed_when_the_lock_file_cannot_be_written(self, h, monkeypatch):
+        """writing the pid into the lock file and every entry file fail with ENOSPC: the entries on
+        disk are indexed and served, new ones live in memory; once space returns they are written."""
+        cache = await h.open()
+        old = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await h.close(cache)
+
+        class Full:
+            def __init__(self, f):
+                self.f = f
+
+            write = staticmethod(enospc)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+        monkeypatch.setattr(cachedir, "open", lambda *a, **k: Full(open(*a, **k)), raising=False)
+        monkeypatch.setattr(store, "write", enospc)
+        cache = await h.open()
+        cache.write_pause = 0.05
+        assert list(cache.entries) == [old.key]
+        assert await load(cache, cache.entries[old.key])
+        new = cache.put(T, "agent-2", seq(20, 5000), fake_kv(seq(20, 5000)))
+        await settle(cache)
+        assert new.dirty and new.path is None and new.tier == "memory"
+        assert samples(cache, "semcache_cache_disk_errors_total", op="write", errno="ENOSPC") == 1
+
+        monkeypatch.undo()  # space returns
+        await asyncio.sleep(0.06)
+        newer = cache.put(T, "agent-3", seq(20, 9000), fake_kv(seq(20, 9000)))
+        await settle(cache)
+        assert new.path.exists() and newer.path.exists()
+
+    async def test_writes_back_off_while_the_disk_stays_full(self, h, monkeypatch):
+        """each failure in a row doubles the pause before writes are tried again; a success resets it."""
+        attempts = []
+
+        def full(directory, meta, tensors):
+            attempts.append(meta.key)
+            enospc()
+
+        cache = await h.open()
+        cache.write_pause = 0.3
+        monkeypatch.setattr(store, "write", full)
+        cache.put(T, "agent-1", seq(20, 1000), fake_kv(seq(20, 1000)))
+        await settle(cache)
+        assert len(attempts) == 1  # paused for 0.3 s
+        await asyncio.sleep(0.35)
+        cache.put(T, "agent-2", seq(20, 2000), fake_kv(seq(20, 2000)))
+        await settle(cache)
+        assert len(attempts) == 3  # agent-1 again, agent-2: both fail, paused for 0.6 s
+        await asyncio.sleep(0.35)
+        cache.put(T, "agent-3", seq(20, 3000), fake_kv(seq(20, 3000)))
+        await settle(cache)
+        assert len(attempts) == 3, "writes were tried again before the doubled pause was over"
+        await asyncio.sleep(0.3)
+        monkeypatch.undo()
+        cache.put(T, "agent-4", seq(20, 4000), fake_kv(seq(20, 4000)))
+        await settle(cache)
+        assert all(e.path is not None for e in cache.entries.values()) and len(files(h.directory)) == 4
+
+    async def test_a_directory_that_cannot_be_locked_is_read_only_until_it_can(self, h, monkeypatch):
+        """the lock cannot be taken (ENOSPC creating it): the entries are indexed and served read-only,
+        deletions and writes wait; the lock is retried and, once held, they happen."""
+        cache = await h.open()
+        kept = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        gone = cache.put(T, "agent-2", seq(20, 5000), fake_kv(seq(20, 5000)))
+        await h.close(cache)
+        full = {"disk": True}
+        real_lock = access.lock_dir
+        monkeypatch.setattr(access, "lock_dir", lambda directory: enospc() if full["disk"] else real_lock(directory))
+        cache = AgentCache(LIMITS, h.directory, clock=h.clock)
+        h.live.append(cache)
+        cache.disk.access.relock_first = 0.02
+        await cache.lock()
+        await cache.open("fp-A")
+        assert set(cache.entries) == {kept.key, gone.key}
+        assert await load(cache, cache.entries[kept.key])
+        assert await cache.delete(T, "agent-2") == 1
+        new = cache.put(T, "agent-3", seq(20, 9000), fake_kv(seq(20, 9000)))
+        await settle(cache)
+        assert new.path is None and gone.path.exists(), "the read-only directory was changed"
+
+        full["disk"] = False
+        for _ in range(200):
+            if cache.disk.access.handle is not None:
+                break
+            await asyncio.sleep(0.01)
+        await settle(cache)
+        assert not gone.path.exists()  # the deletion put off is done
+        newer = cache.put(T, "agent-4", seq(20, 7000), fake_kv(seq(20, 7000)))
+        await settle(cache)
+        assert new.path is not None and newer.path is not None
+        assert files(h.directory) == {kept.path.name, new.path.name, newer.path.name}
+
+
+class TestHungDisk:
+    """Reads and writes on their own threads, each bounded: a hung file operation is a miss or a
+    failed write, never a stall of the other lane, of the event loop or of shutdown."""
+
+    @pytest.fixture
+    def release(self):
+        event = threading.Event()
+        yield event
+        event.set()  # the hung threads finish (whatever the test's outcome)
+
+    def hang(self, monkeypatch, module, name: str, release: threading.Event) -> None:
+        real = getattr(module, name)
+
+        def hung(*args):
+            release.wait(10)
+            return real(*args)
+
+        monkeypatch.setattr(module, name, hung)
+
+    async def test_a_hung_read_holds_up_neither_delete_nor_evict_and_is_a_miss(self, h, monkeypatch, release):
+        """while a read hangs, a delete and an evict (its write) complete at once; the read times out
+        as a miss, the entry is passed over as suspect (its file stays); shutdown does not wait."""
+        cache = await h.open(CacheLimits(ttl=1000.0, min_prefix=4, write_through=False, read_timeout=1.0))
+        stuck = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        doomed = cache.put(T, "agent-2", seq(20, 3000), fake_kv(seq(20, 3000)))
+        await cache.evict(T, "agent-1")
+        await cache.evict(T, "agent-2")
+        moving = cache.put(T, "agent-3", seq(20, 5000), fake_kv(seq(20, 5000)))
+        doomed_path = doomed.path
+        self.hang(monkeypatch, reader, "read_entry", release)
+        loading = cache.fetch(stuck)
+        await asyncio.sleep(0.05)  # the read is on its thread, hung
+        started = time.monotonic()
+        assert await asyncio.wait_for(cache.delete(T, "agent-2"), 5.0) == 1
+        assert await asyncio.wait_for(cache.evict(T, "agent-3"), 5.0) == [moving]
+        assert time.monotonic() - started < 0.5, "delete and evict waited for the hung read"
+        assert not doomed_path.exists() and moving.path.exists() and not loading.done()
+
+        assert await asyncio.wait_for(loading, 5.0) is False  # past read_timeout: a miss
+        assert not stuck.removed and stuck.path.exists() and stuck.retry_at > time.monotonic()
+        assert cache.lookup(T, "agent-1", seq(25)) is MISS  # suspect: passed over for a while
+        assert samples(cache, "semcache_cache_disk_errors_total", op="read", errno="ETIMEDOUT") == 1
+        started = time.monotonic()
+        await asyncio.wait_for(h.close(cache), 5.0)
+        assert time.monotonic() - started < 0.5, "shutdown waited for the hung read"
+
+    async def test_a_hung_write_times_out_as_a_failed_write(self, h, monkeypatch, release):
+        """a write past write_timeout fails like any failed write: counted, writes paused, the entry
+        kept in memory (and written once the disk answers again)."""
+        cache = await h.open(CacheLimits(ttl=1000.0, min_prefix=4, write_timeout=0.3))
+        cache.write_pause = 0.01
+        self.hang(monkeypatch, store, "write", release)
+        entry = cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await asyncio.wait_for(settle(cache), 5.0)
+        assert entry.dirty and entry.path is None and entry.tier == "memory"
+        assert samples(cache, "semcache_cache_disk_errors_total", op="write", errno="ETIMEDOUT") == 1
+        monkeypatch.undo()
+        release.set()
+        await asyncio.sleep(0.02)
+        cache.put(T, "agent-2", seq(20, 5000), fake_kv(seq(20, 5000)))
+        await settle(cache)
+        assert entry.path is not None and not entry.dirty
+
+    async def test_shutdown_abandons_file_work_past_its_bound(self, h, monkeypatch, release):
+        """a write still hung when the daemon stops is abandoned after close_timeout: shutdown is
+        bounded, whatever the disk does."""
+        limits = CacheLimits(ttl=1000.0, min_prefix=4, write_timeout=30.0, close_timeout=0.5)
+        cache = await h.open(limits)
+        self.hang(monkeypatch, store, "write", release)
+        cache.put(T, "agent-1", seq(20), fake_kv(seq(20)))
+        await asyncio.sleep(0.05)  # the write is on its thread, hung
+        started = time.monotonic()
+        await asyncio.wait_for(h.close(cache), 5.0)
+        assert time.monotonic() - started < limits.close_timeout + 0.5
+
+    async def test_reads_fail_at_once_while_the_read_lane_is_hung(self, h, monkeypatch, release):
+        """with MAX_STUCK reads hung past their timeout, a new read is a miss at once instead of
+        queueing behind them; once they return, reads work again."""
+        cache = await h.open(CacheLimits(ttl=1000.0, min_prefix=4, read_timeout=0.2))
+        entries = [cache.put(T, f"agent-{i}", seq(20, 1000 * (i + 1)), fake_kv(seq(20, 1000 * (i + 1))))
+                   for i in range(iothread.MAX_STUCK + 1)]
+        for e in entries:
+            await cache.evict(T, e.agent)
+        self.hang(monkeypatch, reader, "read_entry", release)
+        assert await asyncio.gather(*(load(cache, e) for e in entries[:-1])) == [False] * iothread.MAX_STUCK
+        started = time.monotonic()
+        assert await load(cache, entries[-1]) is False
+        assert time.monotonic() - started < 0.1, "the read queued behind the hung ones"
+        monkeypatch.undo()
+        release.set()
+        for _ in range(100):
+            if cache.disk.io.reads.stuck == 0:
+                break
+            await asyncio.sleep(0.01)
+        entries[0].retry_at = 0.0
+        assert await load(cache, entries[0])
 
 
 def test_common_prefix():

@@ -49,9 +49,9 @@ EXCEPTIONS = {
     # `semcache serve` runs the aiohttp server (web.AppRunner) from __main__.
     ("__main__.py", "aiohttp"),
 }
-NO_ASYNCIO = {"cache/kvdata.py", "cache/entryfile.py", "cache/trie.py", "text/chat.py", "text/tools.py",
+NO_ASYNCIO = {"cache/kvdata.py", "cache/entryfile.py", "cache/cachedir.py", "cache/entrymeta.py", "cache/layout.py", "cache/trie.py", "text/chat.py", "text/tools.py",
               "text/grammar.py", "text/toolrequest.py", "text/holdback.py", "text/reasoning.py", "ops/errors.py", "ops/ratelimit.py", "ops/tenants.py",
-              "engine/batch.py", "engine/sampling.py", "engine/models.py", "engine/blas.py", "engine/types.py"}
+              "engine/batch.py", "engine/forward.py", "engine/sampling.py", "engine/models.py", "engine/blas.py", "engine/types.py"}
 
 
 def modules() -> list[Path]:

@@ -243,6 +243,18 @@ class TestScheduler:
         assert "slowly" in s.finished.error
 
 
+async def first_turn(scheduler, cache) -> Sequence:
+    """Agent "a"'s first turn (20 prompt tokens, 3 generated), run until its entry is stored."""
+    first = Sequence(prompt_ids=list(range(1, 21)), max_tokens=3, agent="a")
+    scheduler.submit(first)
+    await first.text()
+    for _ in range(100):
+        if cache.agents("default", "a"):
+            break
+        await asyncio.sleep(0.01)
+    return first
+
+
 class TestWithAgentCache:
     async def test_disk_entry_loads_while_the_request_waits(self, tokenizer, stop_tasks, tmp_path):
         """A queued request whose entry is on disk has it in memory before a slot frees up, and runs
@@ -256,14 +268,7 @@ class TestWithAgentCache:
         scheduler, task = await started(engine, cache, max_active=1)
         stop_tasks.append(task)
         try:
-            first = seq(n_prompt=20, max_tokens=3)
-            first.agent = "a"
-            scheduler.submit(first)
-            await first.text()
-            for _ in range(100):
-                if cache.agents("default", "a"):
-                    break
-                await asyncio.sleep(0.01)
+            first = await first_turn(scheduler, cache)
             await cache.evict("default", "a")
             entry = cache.agents("default", "a")[0]
             assert entry.tier == "disk"
@@ -280,6 +285,43 @@ class TestWithAgentCache:
             await follow.text()
             assert follow.num_cached_tokens == entry.num_tokens and engine.prefix_errors == []
             assert follow.finished.reason is FinishReason.LENGTH
+        finally:
+            task.cancel()
+            await cache.close()
+
+
+    async def test_a_hit_the_engine_cannot_use_is_quarantined_and_its_request_runs_cold(self, tokenizer, stop_tasks,
+                                                                                         tmp_path):
+        """The engine fails on a hit's KV (and runs that row from scratch): the request ends normally
+        with no cached tokens reported, the entry is quarantined (never served again), and the
+        request beside it in the batch is untouched."""
+        from semcache.cache.index import AgentCache, CacheLimits
+
+        cache = AgentCache(CacheLimits(min_prefix=4), tmp_path)
+        await cache.lock()
+        await cache.open("fp")
+        engine = FakeEngine(tokenizer)
+        scheduler, task = await started(engine, cache)
+        stop_tasks.append(task)
+        try:
+            first = await first_turn(scheduler, cache)
+            await cache.settle()
+            entry = cache.agents("default", "a")[0]
+            name = entry.path.name
+            engine.reject_prefixes = True
+            follow = Sequence(prompt_ids=first.prompt_ids + first.output_ids + [7, 8], max_tokens=2, agent="a")
+            beside = Sequence(prompt_ids=list(range(100, 112)), max_tokens=2)
+            scheduler.submit(follow)
+            scheduler.submit(beside)
+            await follow.text()
+            await beside.text()
+            assert engine.rejected == [follow.seq_id]
+            assert follow.finished.reason is FinishReason.LENGTH and beside.finished.reason is FinishReason.LENGTH
+            assert follow.num_cached_tokens == 0 and beside.num_cached_tokens == 0
+            await cache.settle()
+            assert entry.removed and entry not in cache.agents("default", "a")
+            assert {p.name for p in (tmp_path / "quarantine").iterdir()} == {name}
+            cache.check_integrity()
         finally:
             task.cancel()
             await cache.close()

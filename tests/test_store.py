@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
 import json
 import os
 import stat
@@ -10,9 +12,12 @@ import struct
 import numpy as np
 import pytest
 
+from semcache.cache import cachedir
 from semcache.cache import entryfile as store
 from semcache.cache.kvdata import GROUP, KVData
-from semcache.cache.entryfile import CacheDirLocked, CorruptEntry, EntryMeta
+from semcache.cache.cachedir import CacheDirLocked
+from semcache.cache.entryfile import CorruptEntry, EntryMeta
+from tests.conftest import rewrite_header
 
 
 def meta(key: str = "k0", num_tokens: int = 5, **overrides) -> EntryMeta:
@@ -37,7 +42,7 @@ def tensors(num_tokens: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
 def cache_dir(tmp_path):
     """A locked cache directory (entries/ and quarantine/ exist); the lock is released after the test."""
     directory = tmp_path / "cache"
-    handle = store.lock_dir(directory)
+    handle = cachedir.lock_dir(directory)
     yield directory
     handle.close()
 
@@ -213,7 +218,7 @@ class TestStore:
         tmp.write_bytes(b"half written")
         other = cache_dir / "entries" / "notes.txt"
         other.write_text("ignored")
-        good, bad_paths, failed = store.scan(cache_dir)
+        good, bad_paths, failed = cachedir.scan(cache_dir)
         assert failed == []
         assert sorted(f.meta.key for f in good) == ["a", "b"]
         assert {f.meta.key: f.tokens.tolist() for f in good} == {"a": list(range(100, 105)),
@@ -225,10 +230,10 @@ class TestStore:
     def test_quarantine_moves_the_file(self, cache_dir):
         """quarantine moves a file to <dir>/quarantine/; a missing file is not an error."""
         stored = store.write(cache_dir, meta(), tensors())
-        store.quarantine(cache_dir, stored.path)
+        cachedir.quarantine(cache_dir, stored.path)
         assert not stored.path.exists()
         assert (cache_dir / "quarantine" / stored.path.name).exists()
-        store.quarantine(cache_dir, stored.path)
+        cachedir.quarantine(cache_dir, stored.path)
 
     def test_remove_and_touch_tolerate_missing_files(self, cache_dir):
         """remove and touch of a file that is gone do nothing."""
@@ -240,16 +245,36 @@ class TestStore:
     def test_lock_dir_is_exclusive_until_closed(self, tmp_path):
         """a second lock_dir on the same directory raises CacheDirLocked until the first is closed."""
         directory = tmp_path / "locked"
-        first = store.lock_dir(directory)
+        first = cachedir.lock_dir(directory)
         assert (directory / "entries").is_dir() and (directory / "quarantine").is_dir()
         assert (directory / "lock").read_text() == str(os.getpid())
         with pytest.raises(CacheDirLocked):
-            store.lock_dir(directory)
+            cachedir.lock_dir(directory)
         with pytest.raises(CacheDirLocked):  # a failed attempt does not disturb the holder
-            store.lock_dir(directory)
+            cachedir.lock_dir(directory)
         first.close()
-        second = store.lock_dir(directory)
+        second = cachedir.lock_dir(directory)
         second.close()
+
+    def test_lock_is_held_when_the_pid_cannot_be_written(self, tmp_path, monkeypatch):
+        """a full disk (ENOSPC writing the pid into the lock file) does not keep the daemon from its
+        folder: the lock is taken all the same, and still excludes a second daemon."""
+        class Full:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+        monkeypatch.setattr(cachedir, "open", lambda *a, **k: Full(open(*a, **k)), raising=False)
+        directory = tmp_path / "full"
+        held = cachedir.lock_dir(directory)
+        with pytest.raises(CacheDirLocked):
+            cachedir.lock_dir(directory)
+        held.close()
 
     def test_file_is_valid_safetensors(self, cache_dir):
         """any safetensors reader opens the file and sees the same tensors and metadata."""
@@ -378,15 +403,79 @@ class TestMalformedHeaders:
     def test_scan_lists_a_malformed_header_as_bad(self, cache_dir, field):
         """a parseable header with a null num_tokens or string data_offsets is a bad file, not a crash."""
         stored = store.write(cache_dir, meta(), tensors())
-        start = data_start(stored.path)
-        raw = stored.path.read_bytes()
-        header = json.loads(raw[8:start])
-        if field == "num_tokens":
-            header["__metadata__"]["num_tokens"] = None
-        else:
-            header["tokens"]["data_offsets"] = [str(x) for x in header["tokens"]["data_offsets"]]
-        encoded = json.dumps(header).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        stored.path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[start:])
-        good, bad, failed = store.scan(cache_dir)
+
+        def edit(header):
+            if field == "num_tokens":
+                header["__metadata__"]["num_tokens"] = None
+            else:
+                header["tokens"]["data_offsets"] = [str(x) for x in header["tokens"]["data_offsets"]]
+
+        rewrite_header(stored.path, edit, reseal=False)
+        good, bad, failed = cachedir.scan(cache_dir)
         assert good == [] and bad == [stored.path] and failed == []
+
+
+class TestPlantedHeaders:
+    """Files written by the writer, then planted or damaged (the hash resealed, so only the checks of
+    the header can refuse them): CorruptEntry from read_meta and read, never another error or a hang."""
+
+    @pytest.mark.parametrize("field,value", [
+        ("key", 7), ("tenant", ["t-hash"]), ("agent", {"a": 1}), ("named", 1), ("named", "yes"),
+        ("num_tokens", 5), ("num_tokens", "0"), ("num_tokens", "five"), ("created", 1000.25),
+        ("last_use", "nan"), ("last_use", "inf"), ("dtype", None), ("dtype", "int32"), ("encoding", "zip"),
+        ("fingerprint", True), ("format", 1),
+    ])
+    def test_a_header_field_of_the_wrong_type_or_range_is_corrupt(self, cache_dir, field, value):
+        """every metadata value must be a string, and parse to a value in range."""
+        stored = store.write(cache_dir, meta(), tensors())
+        rewrite_header(stored.path, lambda h: h["__metadata__"].__setitem__(field, value))
+        with pytest.raises(CorruptEntry):
+            store.read_meta(stored.path)
+        with pytest.raises(CorruptEntry):
+            store.read(stored.path)
+
+    def test_a_file_named_for_another_key_is_corrupt(self, cache_dir):
+        """the key in the header must be the file's name (else a planted key names another file)."""
+        stored = store.write(cache_dir, meta("k0"), tensors())
+        moved = store.entry_path(cache_dir, "k1")
+        os.replace(stored.path, moved)
+        with pytest.raises(CorruptEntry, match="named"):
+            store.read_meta(moved)
+
+    @pytest.mark.parametrize("kind", ["fifo", "folder", "symlink"])
+    def test_anything_but_a_regular_file_is_refused_at_once(self, cache_dir, tmp_path, kind):
+        """a FIFO (whose open or read would block for ever), a folder or a symlink named as an entry:
+        read_meta and read refuse it without blocking, and scan lists it to quarantine."""
+        path = store.entry_path(cache_dir, "k0")
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "folder":
+            path.mkdir()
+        else:
+            elsewhere = tmp_path / "elsewhere"
+            (elsewhere / "entries").mkdir(parents=True)
+            path.symlink_to(store.write(elsewhere, meta("k0"), tensors()).path)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a read that blocks fails the test, not hangs it
+            try:
+                for reader in (store.read_meta, store.read):
+                    with pytest.raises(CorruptEntry, match="regular"):
+                        pool.submit(reader, path).result(timeout=5)
+                assert pool.submit(cachedir.scan, cache_dir).result(timeout=5) == ([], [path], [])
+            finally:
+                _unblock(path)
+
+    def test_clamped_pulls_future_times_back_to_now(self, cache_dir):
+        """a last use (or creation) in the future is clamped to now; past times are left alone."""
+        stored = store.write(cache_dir, meta(created=1e12, last_use=1e12), tensors())
+        got = store.read_meta(stored.path).clamped(5000.0)
+        assert (got.meta.created, got.meta.last_use) == (5000.0, 5000.0)
+        past = store.read_meta(stored.path).clamped(2e12)
+        assert past.meta.last_use == 1e12
+
+
+def _unblock(path) -> None:
+    """Open a FIFO for writing, so a reader blocked on it (in a thread of an unfixed build) wakes."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass

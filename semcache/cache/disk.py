@@ -4,12 +4,15 @@ their bytes within the disk budget.
 It owns the files and the Entry fields about them (path, file_bytes, dirty, pending, writing,
 loading, retry_at, superseded); the index (index.py) owns the entries and what is in memory, and is
 called back through `attach` (a read brought an entry's data back) and `drop` (an entry's data is
-lost). Files are in the entry file format (entryfile.py), handled on the I/O thread (iothread.py);
-writes and the data of spilled entries go through the writing tier (writer.py); which files the
-budgets delete is diskbudget.py's.
+lost). Files are in the entry file format (entryfile.py), handled on the I/O threads (iothread.py:
+a read lane and a write lane); the directory itself (lock, read-only fallback, indexing at start,
+moves and removals) is access.py's; reads go through the reading side (reader.py), writes and the
+data of spilled entries through the writing side (writer.py); which files the budgets delete is
+diskbudget.py's.
 
-Faults: a file that does not parse or fails its hash is quarantined (it will never be good); an
-I/O error says nothing about the file: it is counted, the request runs cold, the file stays.
+Faults: a file that does not parse, fails its hash or is not this model's KV (layout.py) is
+quarantined (it will never be good), and so is an entry the engine failed on (`reject`); an I/O
+error says nothing about the file: it is counted, the request runs cold, the file stays.
 """
 
 from __future__ import annotations
@@ -20,81 +23,68 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
-from prometheus_async.aio import time as timed
-
 from semcache.cache import entryfile as store
+from semcache.cache.access import DirAccess
 from semcache.cache.diskbudget import DiskBudget
 from semcache.cache.entry import CacheLimits, Entry
 from semcache.cache.iothread import IOThread
 from semcache.cache.kvdata import KVData
+from semcache.cache.layout import KVLayout
 from semcache.cache.ledger import Ledger
+from semcache.cache.reader import Reader
 from semcache.cache.writer import Writer
 from semcache.ops.metrics import Metrics
 
 log = logging.getLogger("semcache.cache")
 
-READ_RETRY = 30.0  # seconds lookups pass over an entry whose file could not be read
-
-
-def read_entry(path: Path) -> tuple[store.EntryMeta, np.ndarray, KVData]:
-    meta, tensors = store.read(path)
-    tokens, data = KVData.from_tensors(tensors, meta.dtype, meta.encoding)
-    return meta, tokens, data
-
-
 class DiskTier(DiskBudget):
     def __init__(self, directory: Path | None, limits: CacheLimits, metrics: Metrics,
-                 attach: Callable[[Entry, KVData], Any], drop: Callable[[Entry, str], Any]):
-        self.directory, self.limits, self.metrics = directory, limits, metrics
+                 attach: Callable[[Entry, KVData], Any], drop: Callable[[Entry, str], Any],
+                 clock: Callable[[], float] = time.time):
+        self.directory, self.limits, self.metrics, self.clock = directory, limits, metrics, clock
         self._attach, self._drop = attach, drop
         self.fingerprint = ""
+        self.layout: KVLayout | None = None  # the model's, to check files against
         # This model's entries that have a file, by key; other models' files (counted, never served)
         self.stored = Ledger(rank=lambda e: e.last_use, size=lambda e: e.file_bytes, tenant=lambda e: e.tenant)
         self.foreign = Ledger(rank=lambda f: f.meta.last_use, size=lambda f: f.size, tenant=lambda f: f.meta.tenant)
         self.bytes = 0  # of all those files, and of the replaced files not deleted yet
-        self.read_retry = READ_RETRY  # seconds
-        self._lock: Any = None
         self._update_gauges()
-        self.io = IOThread(metrics)
+        self.io = IOThread(metrics, limits.read_timeout, limits.write_timeout)
         self.writer = Writer(self.io, metrics, limits.encoding, self._meta, self._written, drop)
+        self.access = DirAccess(directory, self.io, metrics, on_held=lambda: self.writer.resume(directory))
+        self.reader = Reader(self.io, metrics, lambda: (self.fingerprint, self.layout), attach, self._lose, self.reject)
 
     # Lifecycle -------------------------------------------------------------------------------
 
     async def lock(self) -> None:
-        """Take the directory (store.CacheDirLocked if another daemon has it). One that cannot be
-        created or locked (read-only, I/O error) leaves the cache in memory only."""
-        if self.directory is None:
-            return
-        try:
-            self._lock = await self.io.run(store.lock_dir, self.directory)
-        except OSError as exc:
-            self.io.error("write", exc)
-            log.error("agent cache directory %s is unusable (%s): caching in memory only", self.directory, exc)
-            return
-        self.writer.directory = self.directory
+        """Take the directory (CacheDirLocked if another daemon has it); one that cannot be locked
+        is indexed read-only and locked later (access.py). No directory: memory only."""
+        if self.directory is not None:
+            await self.access.lock()
 
-    async def open(self, fingerprint: str) -> tuple[list[Entry], int, int] | None:
+    async def open(self, fingerprint: str, layout: KVLayout | None = None) -> tuple[list[Entry], int, int] | None:
         """Index the files from their headers (no arrays): (this model's entries, files quarantined,
-        files left unread after an I/O error); None if no directory is held."""
-        self.fingerprint = fingerprint
-        if self._lock is None:
+        files left unread after an I/O error); None if there is no directory to index."""
+        self.fingerprint, self.layout = fingerprint, layout
+        if not self.access.usable:
             return None
-        try:
-            files, bad, failed = await self.io.run(store.scan, self.directory)
-        except OSError as exc:  # the folder cannot be listed: start cold, files stay for a later start
-            self.io.error("read", exc)
-            log.error("cannot list the agent cache folder %s: %s; starting without its entries", self.directory, exc)
-            files, bad, failed = [], [], []
+        files, bad, failed = await self.access.scan(self._check_header)
         for path in bad:
-            await self._quarantine(path)
+            await self.access.quarantine(path)
         for path, exc in failed:  # left in place, not indexed: a later start tries again
             self.io.error("read", exc)
             log.warning("cannot read cache file %s (%s); not indexed", path, exc)
+        now = self.clock()
         for f in files:
             self.bytes += f.size
-            self.foreign[f.meta.key] = f
+            self.foreign[f.meta.key] = f.clamped(now)
         return self._adopt(fingerprint), len(bad), len(failed)
+
+    def _check_header(self, meta: store.EntryMeta, header: dict) -> None:
+        """At start, on the read lane: a file of this model must hold this model's KV layout."""
+        if self.layout is not None and meta.fingerprint == self.fingerprint:
+            self.layout.check_header(meta, header)
 
     async def flush(self, entries: Iterable[Entry]) -> None:
         """Write those of `entries` not on disk yet, and wait until no file work is in flight."""
@@ -106,16 +96,20 @@ class DiskTier(DiskBudget):
         await self.io.settle()
 
     async def close(self, entries: Iterable[Entry]) -> None:
-        """Flush `entries`, release the directory, stop the I/O thread."""
-        await self.flush(entries)
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = self.writer.directory = None
+        """Flush `entries` (waiting at most `close_timeout` seconds: file work still unfinished is
+        abandoned, and entries not written are lost), release the directory, stop the I/O threads."""
+        try:
+            await asyncio.wait_for(self.flush(entries), self.limits.close_timeout)
+        except asyncio.TimeoutError:
+            log.error("cache file work unfinished after %g s at shutdown: abandoned", self.limits.close_timeout)
+        self.writer.directory = None
+        await self.access.release()
         self.io.shutdown()
 
-    def switch(self, fingerprint: str, entries: Iterable[Entry]) -> list[Entry]:
-        """Another model: the files of `entries` become other-model files, kept under the old
-        fingerprint; returns the new model's entries, made from its files."""
+    def switch(self, fingerprint: str, layout: KVLayout | None, entries: Iterable[Entry]) -> list[Entry]:
+        """Another model (of KV `layout`): the files of `entries` become other-model files, kept under
+        the old fingerprint; returns the new model's entries, made from its files."""
+        self.layout = layout
         for entry in entries:
             if entry.path is not None:  # its bytes stay counted: the file is now a foreign one
                 meta = self._meta(entry, "native")
@@ -141,7 +135,7 @@ class DiskTier(DiskBudget):
     def touch(self, entry: Entry) -> None:
         """Record a use in the entry's file (its mtime), if it has one."""
         if entry.path is not None:
-            self.io.background(store.touch, entry.path, entry.last_use, op="write")
+            self.access.touch(entry.path, entry.last_use)
 
     def spill(self, entry: Entry, data: KVData) -> bool:
         """The data of an entry leaving memory: kept until written if the entry is not on disk yet.
@@ -157,11 +151,8 @@ class DiskTier(DiskBudget):
         self.writer.write_through(entry, entries)
 
     def read(self, entry: Entry) -> asyncio.Future:
-        """Read the entry's file (one read at a time); True once `attach` has its data, False if the
-        entry is gone or its file unusable."""
-        if entry.loading is None:
-            entry.loading = self.io.spawn(self._read(entry))
-        return entry.loading
+        """Read the entry's file (see Reader.read)."""
+        return self.reader.read(entry)
 
     def hand_over(self, old: Entry, new: Entry) -> None:
         """`new` replaces `old`: old's file (unless being written) and the files old replaced are
@@ -178,7 +169,7 @@ class DiskTier(DiskBudget):
         self.writer.release(entry)
         if entry.path is not None:
             self.bytes -= entry.file_bytes
-            tasks.append(self.io.background(store.remove, entry.path))
+            tasks.append(self.access.remove(entry.path))
             self._unstore(entry)
         self._update_gauges()
         return tasks
@@ -203,13 +194,13 @@ class DiskTier(DiskBudget):
         f = self.foreign.pop(key)
         self.bytes -= f.size
         self._update_gauges()
-        return self.io.background(store.remove, f.path)
+        return self.access.remove(f.path)
 
     def _drop_superseded(self, entry: Entry) -> list[asyncio.Task]:
         tasks = []
         for path, size in entry.superseded:
             self.bytes -= size
-            tasks.append(self.io.background(store.remove, path))
+            tasks.append(self.access.remove(path))
         entry.superseded = []
         return tasks
 
@@ -217,55 +208,22 @@ class DiskTier(DiskBudget):
         return store.EntryMeta(entry.key, self.fingerprint, entry.tenant, entry.agent, entry.named,
                                entry.num_tokens, entry.dtype, encoding, entry.created, entry.last_use)
 
-    # Reading ---------------------------------------------------------------------------------
+    # Unusable entries ------------------------------------------------------------------------
 
-    async def _read(self, entry: Entry) -> bool:
-        try:
-            path = entry.path
-            if entry.removed or path is None:  # removed before the read started
-                return False
-            try:
-                meta, tokens, data = await timed(self.metrics.cache_disk_read_seconds, self.io.run(read_entry, path))
-                if meta.key != entry.key or meta.fingerprint != self.fingerprint or not np.array_equal(
-                        tokens, entry.tokens):
-                    raise store.CorruptEntry("metadata does not match the index")
-            except Exception as exc:  # whatever is wrong with the file: never a wrong answer
-                if not (entry.removed or entry.path != path):  # else already gone (and its file with it)
-                    await self._read_failed(entry, path, exc)
-                return False
-            if entry.removed:
-                return False
-            self._attach(entry, data)
-            return True
-        finally:
-            entry.loading = None
+    def reject(self, entry: Entry) -> asyncio.Future:
+        """Drop an entry whose KV must never be served again (its file failed a check, or the engine
+        failed on it); its file goes to quarantine. Returns the move (done at once if no file)."""
+        path = self._lose(entry) if not entry.removed else None
+        return self.io.spawn(self.access.quarantine(path) if path is not None else asyncio.sleep(0))
 
-    async def _read_failed(self, entry: Entry, path: Path, exc: Exception) -> None:
-        """A bad file is quarantined; a vanished one forgotten; an I/O error leaves the file alone
-        and makes lookups pass the entry over for a while (the request runs cold: a miss)."""
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            self.io.error("read", exc)
-            log.warning("cannot read cache file %s (%s); a miss, retried after %.0f s", path, exc, self.read_retry)
-            entry.retry_at = time.monotonic() + self.read_retry
-            return
-        self._unstore(entry)
-        self.bytes -= entry.file_bytes
+    def _lose(self, entry: Entry) -> Path | None:
+        """Drop an unusable entry; its file, no longer counted, is the caller's (its path returned)."""
+        path = entry.path
+        if path is not None:
+            self._unstore(entry)
+            self.bytes -= entry.file_bytes
         self._drop(entry, "corrupt")
-        if isinstance(exc, FileNotFoundError):
-            self.io.error("read", exc)
-            log.warning("cache file %s is gone; its entry is dropped", path)
-        else:
-            log.warning("cache file %s is unusable (%s); moved to quarantine", path, exc)
-            await self._quarantine(path)
-
-    async def _quarantine(self, path: Path) -> None:
-        try:
-            await self.io.run(store.quarantine, self.directory, path)
-        except OSError as exc:  # left in place (and out of the index): retried at the next start
-            self.io.error("remove", exc)
-            log.error("cannot move %s to quarantine: %s", path, exc)
-            return
-        self.metrics.cache_quarantined.inc()
+        return path
 
     def _update_gauges(self) -> None:
         """Set the disk gauges now (after every change, so a scrape never computes them)."""

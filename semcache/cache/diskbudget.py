@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from semcache.cache import entryfile as store
 
 
 class DiskBudget:
@@ -47,7 +46,7 @@ class DiskBudget:
                 self._drop(oldest, "budget")
             else:  # resident: it keeps living in memory, to be written again if spilled
                 self.bytes -= oldest.file_bytes
-                self.io.background(store.remove, oldest.path)
+                self.access.remove(oldest.path)
                 self._unstore(oldest)
                 oldest.file_bytes, oldest.dirty = 0, True
             self.metrics.cache_evictions.labels("disk", "budget").inc()

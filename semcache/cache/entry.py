@@ -26,6 +26,9 @@ class CacheLimits:
     encoding: str = "native"  # on disk: native (lossless), int8, int4
     write_through: bool = True  # write every new entry soon, so a crash loses little
     tenant_share: float | None = None  # of each budget, what one tenant may hold (None: no limit)
+    read_timeout: float = 10.0  # seconds a file read may take before it is a miss
+    write_timeout: float = 60.0  # seconds a file write (or move, removal) may take before it has failed
+    close_timeout: float = 10.0  # seconds shutdown waits for file work (then abandons it)
 
     @classmethod
     def from_config(cls, config: Config) -> CacheLimits:
@@ -38,6 +41,9 @@ class CacheLimits:
             encoding=config.cache_disk_encoding,
             write_through=config.cache_write_through,
             tenant_share=config.cache_tenant_share,
+            read_timeout=config.cache_read_timeout,
+            write_timeout=config.cache_write_timeout,
+            close_timeout=config.cache_close_timeout,
         )
 
     def share(self, budget: int) -> int | None:

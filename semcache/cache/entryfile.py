@@ -1,108 +1,44 @@
 """The entry file format: one safetensors file per agent cache entry. Synchronous (the disk tier
-runs it on its I/O thread).
+runs it on its I/O threads).
 
 A file is a plain safetensors file (any safetensors reader opens it): the token ids, each layer's
 keys and values, and string metadata (format version, model fingerprint, content hash, dtype,
 token count, agent id, hashed tenant, last use). Files are written to a temp name, fsynced,
 renamed and the folder fsynced, so a crash leaves either the old state or the whole new file.
 The content hash (CRC-32 of metadata and data; measured at ~4 GB/s here, as fast as the read
-itself) catches torn or corrupted files; they are moved to quarantine, never served.
+itself) catches torn or corrupted files; a header is checked field by field (every value a string,
+in range; the key is the file's name) and only regular files are opened, so a planted or damaged
+file is refused (CorruptEntry: the caller quarantines it), never a crash or a hang.
+The metadata's fields are entrymeta.py's; the directory (lock, listing, quarantine) cachedir.py's;
+the KV's shapes against the model, layout.py's.
 No MLX here: arrays are numpy, so this module can run on any thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
+import errno
 import json
 import os
+import stat
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import numpy as np
 
+from semcache.cache.entrymeta import CorruptEntry, EntryMeta, StoredFile
+
 FORMAT_VERSION = "1"
 SUFFIX = ".safetensors"
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "uint16": "U16", "uint8": "U8", "int32": "I32"}
-_NP_DTYPES = {v: np.dtype(k) for k, v in _ST_DTYPES.items()}
+ST_DTYPES = {"float32": "F32", "float16": "F16", "uint16": "U16", "uint8": "U8", "int32": "I32"}  # numpy name: safetensors
+_NP_DTYPES = {v: np.dtype(k) for k, v in ST_DTYPES.items()}
 _MAX_HEADER = 16 << 20
-
-
-class CorruptEntry(ValueError):
-    """A file that does not parse, or whose content hash does not match."""
 
 
 class NotSafetensors(CorruptEntry):
     """The header length is missing or larger than the file: not safetensors, or a file cut short."""
-
-
-class CacheDirLocked(RuntimeError):
-    """Another daemon holds this cache directory."""
-
-
-@dataclass(frozen=True)
-class EntryMeta:
-    """Everything the index needs about a stored entry, read from the header alone."""
-
-    key: str
-    fingerprint: str
-    tenant: str
-    agent: str
-    named: bool
-    num_tokens: int
-    dtype: str  # the KV's own dtype in memory ("float32", "bfloat16", ...)
-    encoding: str  # on disk: "native", "int8" or "int4"
-    created: float
-    last_use: float
-
-    def to_strings(self) -> dict[str, str]:
-        out = {k: str(v) for k, v in self.__dict__.items()}
-        out["named"] = "1" if self.named else "0"
-        return out
-
-    @classmethod
-    def from_strings(cls, meta: dict[str, str]) -> "EntryMeta":
-        try:
-            return cls(
-                key=meta["key"], fingerprint=meta["fingerprint"], tenant=meta["tenant"],
-                agent=meta["agent"], named=meta["named"] == "1", num_tokens=int(meta["num_tokens"]),
-                dtype=meta["dtype"], encoding=meta["encoding"], created=float(meta["created"]),
-                last_use=float(meta["last_use"]),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CorruptEntry(f"bad metadata: {exc}") from None
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    path: Path
-    meta: EntryMeta
-    size: int
-    tokens: np.ndarray | None = None  # read by read_meta (small); checked again by read's hash
-
-
-def lock_dir(directory: Path) -> BinaryIO:
-    """Create `directory` and take its exclusive lock; the returned file must stay open."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (directory / "entries").mkdir(exist_ok=True, mode=0o700)
-    (directory / "quarantine").mkdir(exist_ok=True, mode=0o700)
-    handle = open(directory / "lock", "a+b")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise CacheDirLocked(
-            f"the cache directory {directory} is in use by another semcache daemon "
-            "(give this one its own --cache-dir)"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()).encode())
-    handle.flush()
-    return handle
 
 
 def entry_path(directory: Path, key: str) -> Path:
@@ -123,7 +59,7 @@ def write(directory: Path, meta: EntryMeta, tensors: dict[str, np.ndarray]) -> S
     table: dict = {}
     offset = 0
     for (name, a), view in zip(arrays.items(), views):
-        table[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
+        table[name] = {"dtype": ST_DTYPES[a.dtype.name], "shape": list(a.shape),
                        "data_offsets": [offset, offset + len(view)]}
         offset += len(view)
     strings = meta.to_strings()
@@ -144,17 +80,17 @@ def write(directory: Path, meta: EntryMeta, tensors: dict[str, np.ndarray]) -> S
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     try:
         _fsync_dir(path.parent)
     except BaseException:  # the rename may not be durable: undo it, so the caller's "not written" holds
-        _unlink_quietly(path)
+        unlink_quietly(path)
         raise
     return StoredFile(path, meta, 8 + len(encoded) + offset)
 
 
-def _unlink_quietly(path: Path) -> None:
+def unlink_quietly(path: Path) -> None:
     """Best-effort removal while another error is on its way up (which must not be masked)."""
     try:
         path.unlink(missing_ok=True)
@@ -214,12 +150,35 @@ def _read_entry_header(f: BinaryIO, size: int) -> tuple[dict, int]:
     return header, start
 
 
-def read_meta(path: Path) -> StoredFile:
-    """Metadata and token ids only (no KV arrays): how the index is rebuilt at start."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def _open_regular(path: Path, buffering: int = -1) -> tuple[BinaryIO, os.stat_result]:
+    """An entry file opened for reading, and its stat; CorruptEntry if it is not a regular file (a
+    FIFO would block the open or the read for ever; a link, a folder or a device is none of ours)."""
+    try:
+        f = open(path, "rb", buffering=buffering,
+                 opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK | os.O_NOFOLLOW))
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV):
+            raise CorruptEntry(f"not a regular file: {exc.strerror}") from None
+        raise
+    info = os.fstat(f.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        f.close()
+        raise CorruptEntry("not a regular file")
+    return f, info
+
+
+def read_meta(path: Path, check: Callable[[EntryMeta, dict], None] | None = None) -> StoredFile:
+    """Metadata and token ids only (no KV arrays): how the index is rebuilt at start. `check(meta,
+    header)` may refuse the file too (raising CorruptEntry), before its token ids are read."""
+    f, info = _open_regular(path)
+    size = info.st_size
+    with f:
         header, start = _read_entry_header(f, size)
         meta = EntryMeta.from_strings(header["__metadata__"])
+        if path.name != f"{meta.key}{SUFFIX}":  # else a planted key could name another file
+            raise CorruptEntry(f"the file of entry {meta.key!r} is named {path.name!r}")
+        if check is not None:
+            check(meta, header)
         try:
             begin, end = header["tokens"]["data_offsets"]
         except (KeyError, TypeError, ValueError):
@@ -232,16 +191,16 @@ def read_meta(path: Path) -> StoredFile:
             raise CorruptEntry(f"the tensors need {data_end(header)} data bytes, the file has {size - start}")
         f.seek(start + begin)
         tokens = np.frombuffer(f.read(end - begin), dtype=np.int32)
-    mtime = os.stat(path).st_mtime
-    if mtime > meta.last_use:
-        meta = dataclasses.replace(meta, last_use=mtime)
+    if info.st_mtime > meta.last_use:
+        meta = dataclasses.replace(meta, last_use=info.st_mtime)
     return StoredFile(path, meta, size, tokens)
 
 
 def read(path: Path) -> tuple[EntryMeta, dict[str, np.ndarray]]:
     """Read a whole entry into memory and check its content hash; CorruptEntry if anything is off."""
-    size = path.stat().st_size
-    with open(path, "rb", buffering=0) as f:
+    f, info = _open_regular(path, buffering=0)
+    size = info.st_size
+    with f:
         header, start = _read_entry_header(f, size)
         buffer = np.empty(size - start, dtype=np.uint8)
         if f.readinto(memoryview(buffer)) != len(buffer):
@@ -259,33 +218,6 @@ def read(path: Path) -> tuple[EntryMeta, dict[str, np.ndarray]]:
     if _hash(_canonical(strings, header), views) != strings.get("content_hash"):
         raise CorruptEntry("content hash does not match")
     return EntryMeta.from_strings(strings), tensors
-
-
-def scan(directory: Path) -> tuple[list[StoredFile], list[Path], list[tuple[Path, OSError]]]:
-    """Every entry file's metadata; the files that do not parse (to quarantine); and the files that
-    could not be read (an I/O error says nothing about the file: it is left where it is).
-
-    Temp files left by a crash mid-write are deleted: their rename never happened."""
-    good, bad, failed = [], [], []
-    for path in sorted((directory / "entries").iterdir()):
-        if path.name.endswith(".tmp"):
-            _unlink_quietly(path)
-        elif path.suffix == SUFFIX:
-            try:
-                good.append(read_meta(path))
-            except OSError as exc:
-                failed.append((path, exc))
-            except Exception:  # whatever is wrong with a file, it is quarantined, never a crash
-                bad.append(path)
-    return good, bad, failed
-
-
-def quarantine(directory: Path, path: Path) -> None:
-    """Move a bad file aside (kept for inspection, out of the index and the disk budget)."""
-    try:
-        os.replace(path, directory / "quarantine" / path.name)
-    except FileNotFoundError:
-        pass
 
 
 def touch(path: Path, when: float) -> None:

@@ -1,7 +1,7 @@
 """The agent cache's index: which stored KV serves which prompt, within the memory budget; files are
 the disk tier's (disk.py), which the index holds and calls.
 
-Everything here runs on the event loop; file work goes to the disk tier's one I/O thread. Arrays are
+Everything here runs on the event loop; file work goes to the disk tier's I/O threads. Arrays are
 numpy (kvdata.py), so no MLX call is ever made off the MLX thread. Entries are immutable: a finished
 sequence stores a new entry (replacing the same agent's entries it extends), and a hit hands the
 engine the entry's arrays to copy. Lookup is by token ids: the agent's own entries first, then the
@@ -28,6 +28,7 @@ from semcache.cache.catalog import Catalog
 from semcache.cache.disk import DiskTier
 from semcache.cache.entry import ANON, MISS, CacheLimits, Entry, Match, common_prefix, preferred
 from semcache.cache.kvdata import KVData
+from semcache.cache.layout import KVLayout
 from semcache.cache.ledger import Ledger
 from semcache.ops.metrics import Metrics
 
@@ -47,7 +48,7 @@ class AgentCache:
                                size=lambda e: e.data.nbytes, tenant=lambda e: e.tenant)
         self.catalog = Catalog(self.entries)
         self._update_gauges()
-        self.disk = DiskTier(directory, limits, self.metrics, attach=self._attach, drop=self._remove)
+        self.disk = DiskTier(directory, limits, self.metrics, attach=self._attach, drop=self._remove, clock=clock)
 
     memory_bytes = property(lambda self: self.resident.bytes)
     # The disk tier's counts and write pause, as tests read (and shorten) them
@@ -61,13 +62,12 @@ class AgentCache:
     # Lifecycle -------------------------------------------------------------------------------
 
     async def lock(self) -> None:
-        """Take the cache directory (store.CacheDirLocked if another daemon has it). A directory that
-        cannot be created or locked (read-only, I/O error) leaves the cache in memory only."""
+        """Take the cache directory (CacheDirLocked if another daemon has it; else see DiskTier.lock)."""
         await self.disk.lock()
 
-    async def open(self, fingerprint: str) -> None:
-        """Index the files on disk from their headers (no arrays): a restarted daemon is warm."""
-        found = await self.disk.open(fingerprint)
+    async def open(self, fingerprint: str, layout: KVLayout | None = None) -> None:
+        """Index the files on disk from their headers (no arrays; of this model's KV `layout`): warm."""
+        found = await self.disk.open(fingerprint, layout)
         if found is None:
             return
         ours, bad, failed = found
@@ -199,11 +199,11 @@ class AgentCache:
         await asyncio.gather(*tasks, *foreign, return_exceptions=True)
         return len(entries) + len(foreign)
 
-    async def switch(self, fingerprint: str) -> None:
+    async def switch(self, fingerprint: str, layout: KVLayout | None = None) -> None:
         """Another model was loaded: this model's entries go to disk and are kept under their
         fingerprint (served again if it returns); the new model's files become servable."""
         await self.disk.flush(list(self.entries.values()))
-        ours = self.disk.switch(fingerprint, list(self.entries.values()))
+        ours = self.disk.switch(fingerprint, layout, list(self.entries.values()))
         for entry in list(self.entries.values()):
             self._remove(entry, "model_swap")
         for entry in ours:

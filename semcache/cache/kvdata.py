@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ENCODINGS = ("native", "int8", "int4")
+KV_DTYPES = ("float32", "float16", "bfloat16")  # a model's KV in memory (bfloat16 kept as uint16 bits)
 GROUP = 32  # quantization group along head_dim (mlx-lm's KV quantization uses 32 or 64)
 
 

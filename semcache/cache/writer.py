@@ -1,8 +1,9 @@
 """The writing tier: entry files being written, and the data of spilled entries held until they are.
 
 Part of the disk tier (disk.py), which holds one Writer. After a failed write (disk full...),
-write-through pauses for `write_pause` seconds rather than retry at every request; what it skipped
-is written when writes resume. A spilled entry whose write fails is dropped (its data was only here).
+write-through pauses for `write_pause` seconds rather than retry at every request, twice as long
+after each failure in a row (up to MAX_WRITE_PAUSE); what it skipped is written when writes resume.
+A spilled entry whose write fails is dropped (its data was only here).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from semcache.ops.metrics import Metrics
 log = logging.getLogger("semcache.cache")
 
 WRITE_PAUSE = 30.0  # seconds without write-through after a failed write
+MAX_WRITE_PAUSE = 600.0  # the longest pause, after failures in a row
 
 
 def _write_entry(directory: Path, meta: store.EntryMeta, tokens: np.ndarray, data: KVData) -> store.StoredFile:
@@ -41,7 +43,13 @@ class Writer:
         self.write_pause = WRITE_PAUSE  # seconds (tests shorten it)
         self._paused_until = 0.0  # time.monotonic()
         self._skipped = False  # write-through skipped entries during a pause
+        self._failures = 0  # failed writes in a row (each one after a pause)
         self._update_gauges()
+
+    def resume(self, directory: Path) -> None:
+        """Writes may start in `directory` (held now): the next write-through also writes the dirty
+        entries made while it was not."""
+        self.directory, self._skipped = directory, True
 
     def writable(self) -> bool:
         """A directory to write to, and no pause after a failed write."""
@@ -106,6 +114,7 @@ class Writer:
             return
         finally:
             entry.writing = None
+        self._failures = 0
         if entry.removed:  # deleted while it was being written
             await self.io.background(store.remove, stored.path)
             return
@@ -119,10 +128,13 @@ class Writer:
             log.error("cannot write cache entry %s for %s: %s", entry.key, entry.agent, exc)
             return
         was_writable = self.writable()
-        self._paused_until = time.monotonic() + self.write_pause
+        self._failures += was_writable  # writes failing together, before a pause, count once
+        pause = min(self.write_pause * 2 ** max(0, self._failures - 1), MAX_WRITE_PAUSE)
+        self._paused_until = time.monotonic() + pause
+        self._skipped = True  # the entry that failed is written again with the rest, once writes resume
         (log.error if was_writable else log.warning)(
             "cannot write cache entry %s for %s: %s; cache writes paused for %.0f s",
-            entry.key, entry.agent, exc, self.write_pause)
+            entry.key, entry.agent, exc, pause)
 
     def _update_gauges(self) -> None:
         self.metrics.cache_bytes.labels("writing").set(self.writing_bytes)

@@ -4,12 +4,16 @@ One `step`: drop released sequences; one decode step for every decoding sequence
 prompt work bounded by `prefill_chunk` tokens: either one chunk of a long prompt, or several short
 prompts prefilled together (left-padded, masked), which then join the decode batch. Prefill computes
 logits only for the last position (the vocabulary projection is a fifth of the model's work).
+
+A hit's KV is checked against the model's layout; a prefill failing with a hit in it fails that row
+alone: it restarts from scratch, reported in `rejected` (the scheduler quarantines the entry).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
@@ -17,14 +21,15 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from semcache.engine.batchkv import as_batch, restore, snapshot
 from semcache.cache.entry import common_prefix
 from semcache.cache.kvdata import KVData
+from semcache.cache.layout import KVLayout
+from semcache.engine.forward import Forward
 from semcache.engine.sampling import sample_batch
 from semcache.engine.types import Admission, SamplingParams, StepResult
 
+log = logging.getLogger("semcache.engine")
 # Below this many common tokens, a group is cheaper to prefill with plain left padding.
 MIN_SHARED_PREFIX = 16
 IDLE_GROUP_FACTOR = 4
-# Model families whose __call__ is exactly `head(model.model(x))`; others go through model(x).
-_SPLITTABLE = ("llama", "qwen2", "qwen3", "mistral")
 
 
 @dataclass(eq=False)
@@ -42,6 +47,8 @@ class _Prefill:
     row: Row
     cache: list[Any] | None = None
     done: int = 0
+    hit: bool = False  # resumes a cached prefix
+    alone: bool = False  # a group with it failed: from now on it is prefilled on its own
 
     @property
     def remaining(self) -> int:
@@ -66,32 +73,65 @@ def _group_cost(size: int, longest: int, shared: int) -> int:
 class Batcher:
     """All MLX state for continuous batching. Not thread-safe: call only from the MLX thread."""
 
-    def __init__(self, model: Any, prefill_chunk: int):
+    def __init__(self, model: Any, prefill_chunk: int, layout: KVLayout | None = None):
         self.model = model
         self.prefill_chunk = prefill_chunk
+        self.layout = layout  # the model's KV, which a hit's must match (None: not checked)
         self.prefills: list[_Prefill] = []
         self.decoding = _Decoding()
-        family = type(model).__module__.rsplit(".", 1)[-1]
-        self._split = family in _SPLITTABLE and hasattr(model, "model")
-        self._head_t = self._transposed_head() if self._split else None
+        self.rejected: set[int] = set()  # this step's rows whose cached prefix could not be used
+        self._joining = False  # a group is joining the decode batch (a failure now is the batch's)
+        self._forward = Forward(model)
 
     def step(self, admit: list[Admission], release: list[int], keep: Collection[int] = ()) -> StepResult:
         """Drop `release` (copying out the KV of those in `keep`), queue `admit` for prefill (a hit
         starts from its own copy of the cached prefix), and advance everything one step."""
+        self.rejected = set()
         kept = self._release(set(release), set(keep)) if release else {}
         self.prefills.extend(self._admitted(a) for a in admit)
         out = self._decode() if self.decoding.rows else {}
         if self.prefills:
             out.update(self._prefill())
-        return StepResult(out, kept)
+        return StepResult(out, kept, frozenset(self.rejected))
 
     def _admitted(self, a: Admission) -> _Prefill:
         p = _Prefill(a, Row(a.seq_id, a.sampling))
-        if a.prefix is not None and a.prefix.num_tokens:
-            p.cache = [restore(k, v, a.prefix.dtype) for k, v in a.prefix.layers]
-            p.done = a.prefix.num_tokens
-            mx.eval([(c.keys, c.values) for c in p.cache])
+        prefix = a.prefix
+        if prefix is not None and prefix.num_tokens:
+            try:
+                if self.layout is not None and not self.layout.fits(prefix):
+                    raise ValueError("its KV does not have the model's layout")
+                p.cache = [restore(k, v, prefix.dtype) for k, v in prefix.layers]
+                mx.eval([(c.keys, c.values) for c in p.cache])
+                p.done, p.hit = prefix.num_tokens, True
+            except Exception as exc:
+                self._cold(p, exc)
         return p
+
+    def _guarded(self, group: list[_Prefill], work: Callable[[], dict[int, int]]) -> dict[int, int]:
+        """`work`, prefill for `group`. If it fails with a cached prefix in the group, before the
+        group joins the decode batch, the prefix is blamed, not the batch: a row alone restarts
+        cold; a group's rows each retry alone."""
+        self._joining = False
+        if not any(p.hit for p in group):
+            return work()
+        try:
+            return work()
+        except Exception as exc:
+            if self._joining:  # the decode batch may be half changed: the engine starts a new one
+                raise
+            if len(group) > 1:
+                for p in group:
+                    p.alone = True
+            else:
+                self._cold(group[0], exc)
+            return {}
+
+    def _cold(self, p: _Prefill, exc: Exception) -> None:
+        log.warning("sequence %d: its cached prefix cannot be used (%s: %s); prefilled from scratch",
+                    p.admission.seq_id, type(exc).__name__, exc)
+        p.cache, p.done, p.hit = None, 0, False
+        self.rejected.add(p.admission.seq_id)
 
     def _release(self, ids: set[int], keep: set[int]) -> dict[int, KVData]:
         self.prefills = [p for p in self.prefills if p.admission.seq_id not in ids]
@@ -147,7 +187,7 @@ class Batcher:
         if resumed:
             out.update(self._prefill_resumed(resumed, budget))
         if longs:
-            out.update(self._prefill_one(longs[0], max(1, chunk // share)))
+            out.update(self._guarded(longs[:1], lambda: self._prefill_one(longs[0], max(1, chunk // share))))
         return out
 
     def _prefill_resumed(self, resumed: list[_Prefill], budget: int) -> dict[int, int]:
@@ -155,9 +195,13 @@ class Batcher:
         as many more as fit `budget` in padded suffix tokens, finished in one batch."""
         group = resumed[:1]
         for p in resumed[1:]:
-            if (len(group) + 1) * max(p.remaining, *(q.remaining for q in group)) > budget:
+            longest = max(p.remaining, *(q.remaining for q in group))
+            if p.alone or group[0].alone or (len(group) + 1) * longest > budget:
                 break
             group.append(p)
+        return self._guarded(group, lambda: self._prefill_together(group))
+
+    def _prefill_together(self, group: list[_Prefill]) -> dict[int, int]:
         if len(group) == 1:
             return self._prefill_one(group[0], group[0].remaining)
         layers = range(len(self.model.layers))
@@ -229,42 +273,11 @@ class Batcher:
             c.finalize()
         return self._join(group, cache, logits)
 
-    def _forward(self, tokens: Any, cache: list[Any], last_logits: bool, positions: Any = None) -> Any:
-        """Run the model on prompt tokens; logits at each row's `positions` (default: the last), or None."""
-        rows = mx.arange(tokens.shape[0])
-        at = positions if positions is not None else mx.full((tokens.shape[0],), tokens.shape[1] - 1)
-        if not self._split:
-            logits = self.model(tokens, cache=cache)
-            return logits[rows, at] if last_logits else None
-        hidden = self.model.model(tokens, cache=cache)
-        if not last_logits:
-            return None
-        last = hidden[rows, at] if tokens.shape[1] > 1 else hidden[:, 0, :]
-        if self._head_t is not None:
-            return last @ self._head_t
-        head = getattr(self.model, "lm_head", None)
-        return head(last) if head is not None else self.model.model.embed_tokens.as_linear(last)
-
-    def _transposed_head(self) -> Any:
-        """The vocabulary projection's float weight, transposed once into its own contiguous copy.
-
-        Measured on the CPU (OpenBLAS): `h @ Wt` gives bit-identical logits to `h @ W.T` in 4.8 ms
-        instead of 8.5 ms for one row (17 vs 21 ms for 16), ~5% of a single-stream decode step.
-        Costs one more copy of the matrix (113 MB for the embedded model). Quantized heads: None.
-        """
-        head = getattr(self.model, "lm_head", None)
-        module = head if head is not None else self.model.model.embed_tokens
-        weight = getattr(module, "weight", None)
-        if weight is None or hasattr(module, "scales") or not mx.issubdtype(weight.dtype, mx.floating):
-            return None
-        if head is not None and "bias" in head:
-            return None
-        transposed = mx.contiguous(weight.T)
-        mx.eval(transposed)
-        return transposed
-
     def _join(self, group: list[_Prefill], cache: list[Any], logits: Any) -> dict[int, int]:
         """Sample each prompt's first token and move the group into the decode batch."""
+        if any(p.hit for p in group):  # a failure a cached prefix caused surfaces before anything changes
+            mx.eval(logits, [c.state for c in cache])
+        self._joining = True
         rows = [p.row for p in group]
         tokens = self._sample(logits, rows)
         d = self.decoding

@@ -67,7 +67,7 @@ class MLXEngine:
         from semcache.engine.models import load_model
 
         loaded = (self._loader or load_model)(model_spec)
-        return Prepared(model_spec, loaded, Batcher(loaded.model, self.prefill_chunk))
+        return Prepared(model_spec, loaded, Batcher(loaded.model, self.prefill_chunk, loaded.info.kv_layout))
 
     def install(self, prepared: Prepared) -> None:
         """Put a prepared model in place, all at once on the event loop (nothing may be running)."""
@@ -84,7 +84,7 @@ class MLXEngine:
         except Exception:
             # A failed step may leave the batch half-updated: start clean (the scheduler fails
             # every running sequence) rather than decode from a cache nobody can trust.
-            self.batcher = Batcher(self.model, self.prefill_chunk)
+            self.batcher = Batcher(self.model, self.prefill_chunk, self.info.kv_layout)
             raise
 
     async def close(self) -> None:

@@ -22,6 +22,7 @@ import mlx.nn as nn
 from transformers import PreTrainedTokenizerFast
 
 from semcache.cache import entryfile
+from semcache.cache.layout import KVLayout
 from semcache.ops.errors import ModelLoadError
 from semcache.engine.gguf import load_gguf, load_gguf_tokenizer
 from semcache.engine.types import ModelInfo
@@ -123,8 +124,21 @@ def load_model(spec: str | None) -> LoadedModel:
     itemsize = mx.float32.size if backend == "cpu" else mx.float16.size
     info = ModelInfo(model_id=model_id, context_length=ctx, eos_token_ids=frozenset(eos),
                      kv_bytes_per_token=kv_bytes_per_token(model, itemsize), path=str(path), backend=backend,
-                     dtype=dtype, nbytes=nbytes, fingerprint=_fingerprint(path, tokenizer, backend, dtype))
+                     dtype=dtype, nbytes=nbytes, fingerprint=_fingerprint(path, tokenizer, backend, dtype),
+                     kv_layout=kv_layout(model))
     return LoadedModel(model, tokenizer, info)
+
+
+def kv_layout(model: Any) -> KVLayout:
+    """The KV the model keeps (each layer's kv heads and head dims, and the dtype), as one token's
+    forward pass leaves it: exact for any architecture, and what stored entries are checked against."""
+    from mlx_lm.models.cache import KVCache
+
+    cache = [KVCache() for _ in model.layers]
+    model(mx.array([[0]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    return KVLayout(tuple((c.keys.shape[1], c.keys.shape[3], c.values.shape[3]) for c in cache),
+                    str(cache[0].keys.dtype).rsplit(".", 1)[-1])
 
 
 def kv_bytes_per_token(model: Any, itemsize: int) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, NamedTuple, Protocol
 
 from semcache.cache.kvdata import KVData
+from semcache.cache.layout import KVLayout
 
 __all__ = ["Admission", "Engine", "ModelInfo", "SamplingParams", "StepResult"]
 
@@ -54,6 +55,8 @@ class Admission:
 class StepResult(NamedTuple):
     tokens: dict[int, int]  # seq_id -> the token it sampled this step
     kept: dict[int, KVData]  # seq_id -> KV of a released sequence that asked to keep it
+    # seq_ids whose cached prefix the engine could not use: they are prefilled from scratch instead
+    rejected: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class ModelInfo:
     dtype: str = "float32"
     nbytes: int = 0
     fingerprint: str = ""
+    kv_layout: KVLayout | None = None  # per layer KV heads and head dims, and dtype (None: unknown)
 
 
 class Engine(Protocol):

@@ -88,6 +88,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     cache_write_through: bool = True
     # The fraction of each cache budget (memory, disk) one tenant may hold; unset: tenants share them freely.
     cache_tenant_share: Annotated[float, Meta(gt=0, le=1)] | None = None
+    # Bounds on cache file work (a hung disk): a read past its timeout is a miss, a write past its
+    # timeout a failed write; shutdown waits this long for file work, then abandons it.
+    cache_read_timeout: Seconds = 10.0
+    cache_write_timeout: Seconds = 60.0
+    cache_close_timeout: Seconds = 10.0
 
 
 FIELDS = frozenset(Config.__struct_fields__)

@@ -14,9 +14,10 @@ import math
 import time
 from typing import Callable
 
-from semcache.engine.types import Admission, Engine
-from semcache.cache.index import MISS, AgentCache, Match
+from semcache.engine.types import Admission, Engine, StepResult
+from semcache.cache.index import MISS, AgentCache
 from semcache.ops.metrics import Metrics
+from semcache.scheduler.cachelink import CacheLink
 from semcache.scheduler.kvbudget import KVBudget
 from semcache.scheduler.limits import Limits, TooLarge
 from semcache.scheduler.running import Running
@@ -47,6 +48,7 @@ class Scheduler:
         self.running = Running(self.metrics, clock, limits.stream_buffer, keep_kv=cache is not None)
         self.kv = KVBudget(limits, self.running, lambda: engine.info)
         self._wake = asyncio.Event()  # a request arrived, or a cache entry finished loading
+        self.hits = CacheLink(cache, self._wake.set)
         self._stepping = False  # an engine step is in flight (its results not yet handed out)
         self._stored: dict[int, asyncio.Future] = {}  # seq_id -> resolved with its cache entry once stored
         self.num_steps = 0
@@ -96,7 +98,7 @@ class Scheduler:
         self.waiting.put(seq)
         self.metrics.queue_depth.set(self.num_waiting)
         self._wake.set()
-        self._lookup(seq)  # an entry on disk starts loading while the request waits
+        self.hits.lookup(seq)  # an entry on disk starts loading while the request waits
 
     def _check_open(self) -> None:
         if self.draining:
@@ -205,19 +207,21 @@ class Scheduler:
             self._grow()
 
     async def _step(self, admit: list[Admission], release: list[int], keep: dict[int, Sequence]) -> dict[int, int]:
-        """One engine step; the kept KV goes to the agent cache. An engine failure ends the
-        sequences it touched, not the loop."""
+        """One engine step; the kept KV goes to the agent cache, and the hits the engine could not
+        use to quarantine. An engine failure ends the sequences it touched, not the loop."""
         started = time.perf_counter()
         self._stepping = True
         try:
-            tokens, kept = await self.engine.step(admit, release, list(keep))
+            result = await self.engine.step(admit, release, list(keep))
         except Exception as exc:
             log.exception("engine step failed")
             self.running.end_all(Finished(FinishReason.ERROR, error=f"engine error: {exc}"))
-            tokens, kept = {}, {}
+            result = StepResult({}, {})
         finally:
             self._stepping = False
-        self._store(keep, kept)
+        self.hits.reject(seq for i in result.rejected if (seq := self.running.seqs.get(i)) is not None)
+        tokens = result.tokens
+        self._store(keep, result.kept)
         self.num_steps += 1
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.sample_process()
@@ -249,20 +253,6 @@ class Scheduler:
             if waiter is not None and not waiter.done():
                 waiter.set_result(entry)
 
-    def _lookup(self, seq: Sequence) -> Match | None:
-        """The sequence's cache match once resident; None while its entry loads from disk."""
-        if self.cache is None:
-            return MISS
-        match = self.cache.lookup(seq.tenant, seq.agent, seq.feed_ids)
-        if match.entry is None:
-            return match
-        loading = self.cache.fetch(match.entry)
-        if loading is None:
-            return match
-        seq.cache_from_disk = True
-        loading.add_done_callback(lambda _: self._wake.set())
-        return None
-
     def _admit(self) -> list[Admission]:
         """Take waiting sequences in priority order while slots and KV budget allow. Only a sequence
         whose cache entry is still loading from disk is passed over (a few times at most)."""
@@ -277,7 +267,7 @@ class Scheduler:
             if seq.seq_id in self.running.keep or seq.agent is not None and any(
                     k.agent == seq.agent and k.tenant == seq.tenant for k in self.running.keep.values()):
                 break  # its KV (its own, preempted, or its agent's last turn) is stored by this step
-            match = self._lookup(seq)
+            match = self.hits.lookup(seq)
             if match is None and seq.num_cache_waits < MAX_CACHE_WAITS:
                 seq.num_cache_waits += 1
                 passed.append(self.waiting.pass_over())
@@ -285,16 +275,8 @@ class Scheduler:
             self.waiting.take()
             tokens = self.kv.tokens_for(seq)
             self.running.add(seq, tokens, self.kv.bytes(tokens), self.engine.tokenizer)
-            admitted.append(Admission(seq.seq_id, seq.feed_ids, seq.sampling, self._prefix(seq, match or MISS)))
+            admitted.append(Admission(seq.seq_id, seq.feed_ids, seq.sampling, self.hits.prefix(seq, match or MISS)))
         for item in passed:
             self.waiting.push(item)
         self.metrics.queue_depth.set(self.num_waiting)
         return admitted
-
-    def _prefix(self, seq: Sequence, match: Match):
-        if self.cache is None:
-            return None
-        if not seq.num_preemptions:  # a resumed sequence's usage counts its first admission's hit
-            self.cache.record(match, seq.num_prompt_tokens, seq.cache_from_disk)
-            seq.num_cached_tokens = match.num_tokens
-        return match.entry.data.prefix(match.num_tokens) if match.entry is not None else None

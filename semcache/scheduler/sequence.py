@@ -7,6 +7,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from semcache.cache.entry import Entry
 from semcache.engine.types import SamplingParams
 
 _ids = itertools.count(1)
@@ -64,6 +65,7 @@ class Sequence:
     background: bool = False  # a client's side request: its cache entry is evicted first
     fresh_start: bool = False  # the client compacted its context: its entry replaces all the agent's
     num_cached_tokens: int = 0  # prompt tokens served from the agent cache
+    cache_entry: Entry | None = None  # the agent cache entry of its hit (quarantined if the engine fails on it)
     cache_from_disk: bool = False
     num_cache_waits: int = 0
     kv_tokens: int = 0  # tokens of KV reserved for it while it runs (grows as it generates)

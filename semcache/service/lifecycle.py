@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from semcache.cache.entryfile import CacheDirLocked
+from semcache.cache.cachedir import CacheDirLocked
 from semcache.cache.index import AgentCache, CacheLimits
 from semcache.engine.blas import BLAS_INFO, INSTALL_HINT, is_slow
 from semcache.engine.types import Engine
@@ -69,7 +69,7 @@ async def run(service: Service) -> None:
     await _load(service)
     try:
         if cache is not None:
-            await cache.open(service.info.fingerprint)
+            await cache.open(service.info.fingerprint, service.info.kv_layout)
         settle_heap()
         service.scheduler.open()
         log.info("ready")

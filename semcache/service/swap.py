@@ -108,7 +108,7 @@ class Models:
     async def _install(self, prepared: Any) -> None:
         """The cache, then at once the engine and the renderer, change to the prepared model."""
         if self.cache is not None:
-            await self.cache.switch(prepared.info.fingerprint)
+            await self.cache.switch(prepared.info.fingerprint, prepared.info.kv_layout)
         self.engine.install(prepared)
         self._view = None
         settle_heap()

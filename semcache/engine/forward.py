@@ -1,0 +1,55 @@
+"""The model's forward pass over prompt or decode tokens, as the batch (batch.py) runs it: logits only
+where they are sampled, and for the families whose head can be split off, through a transposed copy
+of the vocabulary projection. On the MLX thread only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+# Model families whose __call__ is exactly `head(model.model(x))`; others go through model(x).
+_SPLITTABLE = ("llama", "qwen2", "qwen3", "mistral")
+
+
+class Forward:
+    def __init__(self, model: Any):
+        self.model = model
+        family = type(model).__module__.rsplit(".", 1)[-1]
+        self._split = family in _SPLITTABLE and hasattr(model, "model")
+        self._head_t = self._transposed_head() if self._split else None
+
+    def __call__(self, tokens: Any, cache: list[Any], last_logits: bool, positions: Any = None) -> Any:
+        """Run the model on prompt tokens; logits at each row's `positions` (default: the last), or None."""
+        rows = mx.arange(tokens.shape[0])
+        at = positions if positions is not None else mx.full((tokens.shape[0],), tokens.shape[1] - 1)
+        if not self._split:
+            logits = self.model(tokens, cache=cache)
+            return logits[rows, at] if last_logits else None
+        hidden = self.model.model(tokens, cache=cache)
+        if not last_logits:
+            return None
+        last = hidden[rows, at] if tokens.shape[1] > 1 else hidden[:, 0, :]
+        if self._head_t is not None:
+            return last @ self._head_t
+        head = getattr(self.model, "lm_head", None)
+        return head(last) if head is not None else self.model.model.embed_tokens.as_linear(last)
+
+    def _transposed_head(self) -> Any:
+        """The vocabulary projection's float weight, transposed once into its own contiguous copy.
+
+        Measured on the CPU (OpenBLAS): `h @ Wt` gives bit-identical logits to `h @ W.T` in 4.8 ms
+        instead of 8.5 ms for one row (17 vs 21 ms for 16), ~5% of a single-stream decode step.
+        Costs one more copy of the matrix (113 MB for the embedded model). Quantized heads: None.
+        """
+        head = getattr(self.model, "lm_head", None)
+        module = head if head is not None else self.model.model.embed_tokens
+        weight = getattr(module, "weight", None)
+        if weight is None or hasattr(module, "scales") or not mx.issubdtype(weight.dtype, mx.floating):
+            return None
+        if head is not None and "bias" in head:
+            return None
+        transposed = mx.contiguous(weight.T)
+        mx.eval(transposed)
+        return transposed
