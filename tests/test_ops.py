@@ -361,6 +361,18 @@ class TestRateLimits:
         clock.now += 6
         assert (await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "k"})).status == 200
 
+    async def test_without_api_keys_only_key_checks_are_throttled(self, make_client):
+        """No API keys, an admin key: wrong admin keys throttle the admin routes (and admin
+        priorities) of that address, never its ordinary requests, which compare no key (the SDKs
+        send one anyway)."""
+        client = await make_client(clock=FakeClock(), admin_key="admin")
+        bad = {"x-api-key": "guess"}
+        statuses = [(await client.delete("/admin/tenants/t/agents", headers=bad)).status for _ in range(11)]
+        assert statuses[:10] == [401] * 10 and statuses[10] == 429
+        assert (await client.delete("/admin/tenants/t/agents", headers={"x-api-key": "admin"})).status == 429
+        assert (await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "x-api-key": "local"})).status == 200
+        assert (await client.post("/v1/messages", json=MSG, headers={**ANTHROPIC, "X-Priority": "1"})).status == 429
+
     async def test_forwarded_for_counts_only_from_trusted_proxies(self, make_client):
         """Behind a proxy in trusted_proxies, each client address in X-Forwarded-For has its own
         failure budget; from anyone else the header is ignored, so it cannot dodge the throttle."""

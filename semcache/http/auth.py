@@ -54,7 +54,7 @@ async def auth(request: web.Request, handler):
     if is_open(request):
         request[KNOWN_CALLER] = _known_caller(request, address)
         return await handler(request)
-    wait = throttle.wait(address) if _keyed(request) else 0.0
+    wait = throttle.wait(address) if _keyed(request) and _guarded(request) else 0.0
     if wait > 0:
         raise ApiError(Kind.RATE_LIMIT, f"too many failed authentications from this address; retry in "
                        f"{math.ceil(wait)}s", retry_after=wait)
@@ -64,6 +64,19 @@ async def auth(request: web.Request, handler):
         if err.kind is Kind.AUTHENTICATION or (err.kind is Kind.PERMISSION and request.get(KEY) is None):
             throttle.failed(address)
         raise
+
+
+def _guarded(request: web.Request) -> bool:
+    """This request has a key compared, so an address out of tries may not send it: /admin/*,
+    /metrics under metrics_key, every route when API keys are configured, and a request asking for
+    a priority (below the default it needs the admin key). Without API keys, an ordinary request
+    (the SDKs send some key anyway) compares none and is never throttled."""
+    config = request.app[CONFIG]
+    if request.path.startswith("/admin/"):
+        return bool(config.admin_key)
+    if request.path == "/metrics" and config.metrics_key and not config.metrics_public:
+        return True
+    return request.app[KEYRING].enabled or "X-Priority" in request.headers
 
 
 def _known_caller(request: web.Request, address: str) -> bool:
