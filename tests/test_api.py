@@ -396,6 +396,27 @@ class TestErrors:
         assert "error" in json.loads(events[-1][1])
         assert (None, "[DONE]") not in events
 
+    @pytest.mark.parametrize("path, field", [("/v1/messages", "stop_sequences"), ("/v1/chat/completions", "stop")])
+    async def test_stop_strings_are_capped_in_number_and_length(self, make_client, path, field):
+        """Every token is matched against every stop string on the event loop (1,000,000 of them cost
+        16.7 ms a token): at most 64 strings of 8,192 characters in all, in both dialects; more is a
+        400 naming the field, and 64 still work (OpenAI's dialect took only 4)."""
+        client = await make_client()
+        base = MSG if path == "/v1/messages" else CHAT
+        headers = ANTHROPIC if path == "/v1/messages" else {}
+        many = [f"never-{i}-" + "x" * 100 for i in range(63)] + ["brown"]
+        r = await client.post(path, json={**base, field: many}, headers=headers)
+        body = await r.json()
+        assert r.status == 200, body
+        text = body["content"][0]["text"] if path == "/v1/messages" else body["choices"][0]["message"]["content"]
+        assert text == "The quick "
+        for stops, says in ((many + ["one more"], "at most 64 stop sequences"),
+                            (["x" * 8193], "at most 8192 characters"), ([f"s{i}" for i in range(10**6)], "got 1000000")):
+            r = await client.post(path, json={**base, field: stops}, headers=headers)
+            error = (await r.json())["error"]
+            assert r.status == 400 and error["message"].startswith(field) and says in error["message"], error
+            assert path == "/v1/messages" or error["param"] == field
+
 
 class TestCapacity:
     async def test_full_queue_is_529_or_503_with_retry_after(self, make_client, tokenizer):

@@ -21,7 +21,7 @@ from semcache.http.anthropic_request import (  # noqa: F401  (re-exported: agent
 from semcache.ops.errors import anthropic_body
 from semcache.http.identity import caller, note_usage
 from semcache.http.appkeys import SERVICE
-from semcache.http.body import decode_body
+from semcache.http.body import decode_body, stop_strings
 from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
 from semcache.http.anthropic_blocks import Blocks, content
 from semcache.text.chat import reply_message
@@ -89,7 +89,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         messages=chat_messages(body),
         max_tokens=body.max_tokens,
         sampling=sampling,
-        stop=tuple(body.stop_sequences or ()),
+        stop=stop_strings(body.stop_sequences, "stop_sequences"),
         continue_final=True,  # Anthropic "prefill": the answer continues a final assistant turn
         breakpoint=breakpoint_messages(body),
         tools=tuple(tools),

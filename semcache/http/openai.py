@@ -23,7 +23,7 @@ from semcache.http.openai_request import (  # noqa: F401  (re-exported: agents.p
     parse_tools,
     response_json,
 )
-from semcache.http.body import decode_body
+from semcache.http.body import decode_body, stop_strings
 from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
 from semcache.text.chat import reply_message
 from semcache.text.reasoning import Thinking
@@ -61,7 +61,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = decode_body(await request.read(), chat_decoder)
     check(body)
     max_tokens = body.max_completion_tokens or body.max_tokens or service.config.default_max_tokens
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    stop = stop_strings(body.stop, "stop")
     sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k, body.seed)
     who = caller(request, body.priority)
     tools, choice = parse_tools(body)
