@@ -111,6 +111,19 @@ def fake_kv(token_ids: list[int]) -> KVData:
     return KVData(((a, a.copy()),), "float32")
 
 
+def count_tokenize(service) -> list:
+    """Record every call of `service.tokenize` (rendering and tokenizing a prompt) in the list returned."""
+    calls: list = []
+    tokenize = service.tokenize
+
+    async def counting(*args, **kwargs):
+        calls.append(args)
+        return await tokenize(*args, **kwargs)
+
+    service.tokenize = counting
+    return calls
+
+
 @pytest.fixture
 def fake_engine(tokenizer):
     return FakeEngine(tokenizer)

@@ -580,6 +580,10 @@ EXTREMES = {  # name: (path, body, the status it gets)
                                                  + CHAT["messages"]}, 400),
     "100,000 messages (openai)": ("/v1/chat/completions", {
         **CHAT, "messages": [{"role": "user", "content": "hello " * 5}] * 100_000}, 400),
+    "a 30 MB prompt, n=16": ("/v1/chat/completions", {
+        **CHAT, "n": 16, "messages": [{"role": "user", "content": "hello " * 5_000_000}]}, 400),
+    "a 30 MB count_tokens": ("/v1/messages/count_tokens", {
+        "model": "m", "messages": [{"role": "user", "content": "hello " * 5_000_000}]}, 400),
     **{f"{where} nested 900 deep": (path, json.dumps(doc).replace('"DEEP"', '{"a":' * 900 + "1" + "}" * 900).encode(),
                                     400) for where, path, doc in [
         ("tool_use input", "/v1/messages", {**MSG, "tools": CLAUDE_TOOLS, "messages": [

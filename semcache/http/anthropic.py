@@ -171,8 +171,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body = decode_body(await request.read(), count_decoder)
     tools, _ = parse_tools(body)
-    prompt_ids = await service.tokenize(chat_messages(body), continue_final=True, tools=tools)
-    return web.json_response({"input_tokens": len(prompt_ids)})
+    return web.json_response({"input_tokens": await service.count_tokens(chat_messages(body), tools)})
 
 
 def model_info(model_id: str, context_length: int) -> dict:

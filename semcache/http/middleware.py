@@ -25,7 +25,6 @@ access = logging.getLogger("semcache.access")
 
 REQUEST_ID = "request_id"
 ADMIN_TENANT = "\x00admin"  # no keys-file tenant can be named this (names are single text lines)
-GENERATION_PATHS = frozenset({"/v1/messages", "/v1/chat/completions", "/chat/completions"})
 _HTTP_KINDS = {
     401: Kind.AUTHENTICATION,
     403: Kind.PERMISSION,
@@ -113,12 +112,11 @@ def is_open(request: web.Request) -> bool:
 
 @web.middleware
 async def rate_limit(request: web.Request, handler):
-    """Innermost: requests per minute for every route but /health/*; generation routes are charged
-    their tokens too, once the prompt is tokenized (Service.start), before they reach the queue."""
+    """Innermost: one request of rpm for every route but /health/*, before any work (rendering,
+    tokenizing, grammars); generation routes are charged their tokens too, once the prompt is
+    tokenized (Service.start), before they reach the queue."""
     limiter = request.app[LIMITER]
     if limiter is None or is_open(request):
-        return await handler(request)
-    if request.method == "POST" and request.path in GENERATION_PATHS or request.path.endswith("/warm"):
         return await handler(request)
     charge(limiter, rate_key(request), 0)
     return await handler(request)

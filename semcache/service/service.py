@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from dataclasses import replace
 from typing import Any
 
-from semcache.text.chat import ChatMessage, PromptRenderer
+from semcache.text.chat import ChatMessage, PromptRenderer, PromptTooLong
 from semcache.ops.config import Config
 from semcache.engine.types import Engine, ModelInfo, SamplingParams
 from semcache.ops.errors import ApiError, Kind, invalid
 from semcache.text.grammar import GrammarError, Grammars, json_grammar
 from semcache.cache.index import ANON, AgentCache
-from semcache.scheduler.scheduler import Overloaded, Scheduler, TooLarge
+from semcache.scheduler.scheduler import Scheduler
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence
-from semcache.service.request import Generation, Ticket, charge, failure, refusal
+from semcache.service import choices
+from semcache.service.request import Generation, Ticket, charge, failure, refusal, too_long
 from semcache.service.turns import Turns
 from semcache.engine.toolformat import format_for
 from semcache.text.reasoning import ThinkSplitter, opens_thinking, reasoned, reasons
@@ -50,7 +50,7 @@ class Service:
         self.engine = engine
         self.scheduler = scheduler
         self.cache = cache
-        self.limiter = limiter  # ratelimit.RateLimiter, charged here: a limited request never queues
+        self.limiter = limiter  # ratelimit.RateLimiter: tokens charged in choices.py, before the queue
         self._swap = asyncio.Lock()
         self._not_swapping = asyncio.Event()  # cleared during a model swap: new prompts wait for it
         self._not_swapping.set()
@@ -129,11 +129,28 @@ class Service:
         if not self.loaded:
             raise ApiError(Kind.OVERLOADED, "the model is still loading", retry_after=2)
 
-    async def tokenize(self, messages: list[ChatMessage], continue_final: bool = False,
-                       generate: bool = True, tools: list[Tool] | tuple[Tool, ...] = ()) -> list[int]:
+    async def tokenize(self, messages: list[ChatMessage], continue_final: bool = False, generate: bool = True,
+                       tools: list[Tool] | tuple[Tool, ...] = (), limit: int | None = None) -> list[int]:
         """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes).
-        Without `generate`, the assistant turn is not opened (a prefix of any next turn's prompt)."""
-        return await self._render(self.renderer.render, messages, continue_final, generate, list(tools))
+        Without `generate`, the assistant turn is not opened (a prefix of any next turn's prompt).
+        With `limit` (the context), a prompt whose length alone shows it cannot fit is a 400 before
+        it is tokenized."""
+        return await self._render(self.renderer.render, messages, continue_final, generate, list(tools), limit)
+
+    async def count_tokens(self, messages: list[ChatMessage], tools: list[Tool]) -> int:
+        """The prompt's tokens (Anthropic's count_tokens), within the limits generation has: a queue
+        place while it is tokenized, and no tokenizing of a prompt far past the context."""
+        choices.reserve(self.scheduler, 1)
+        try:
+            await self.prompts_ready()
+            limit = self.engine.info.context_length
+            return len(await self.tokenize(messages, continue_final=True, tools=tools, limit=limit))
+        finally:
+            self.scheduler.unreserve()
+
+    async def count_prefix(self, gen: Generation) -> int:
+        """Prompt tokens up to the request's last cache_control mark (its `breakpoint`)."""
+        return await self._render(self.renderer.count_prefix, gen.messages, gen.breakpoint, list(gen.tools))
 
     @property
     def reasons(self) -> bool:
@@ -181,69 +198,24 @@ class Service:
             return await asyncio.to_thread(fn, *args)
         except ApiError:
             raise
+        except PromptTooLong as exc:
+            raise too_long(exc.tokens, exc.limit) from None
         except Exception as exc:  # jinja templates raise on histories they do not accept
             raise invalid(f"the chat template rejected these messages: {exc}", param="messages") from None
 
     async def start(self, gen: Generation, warm: bool = False) -> Ticket:
         """Queue the generation and wait for its slot; the caller must `release` the ticket when done.
         With `warm`, only prefill the conversation (no assistant turn opened) for the agent cache."""
-        try:
-            self.scheduler.reserve()  # a full queue refuses before any template work
-        except Overloaded as exc:
-            raise refusal(exc) from None
-        try:
-            ticket = await self._prepare(gen, warm)
-        finally:
-            self.scheduler.unreserve()
-        seq = ticket.seq
-        try:
-            self.scheduler.submit(seq)
-            await self.scheduler.wait_admitted(seq)
-        except BaseException as exc:
-            self.release(ticket)  # refused: nothing was used, the rate-limit charge comes back
-            if isinstance(exc, Overloaded):
-                raise refusal(exc) from None
-            if isinstance(exc, TooLarge):
-                raise invalid(str(exc), param="max_tokens") from None
-            raise
-        if seq.finished is not None and seq.finished.reason is FinishReason.ABORT:
-            self.release(ticket)
-            raise failure(seq.finished)  # refused while queued: still a plain HTTP error, not a stream
-        return ticket
+        return (await self.start_choices(gen, 1, warm))[0]
 
-    async def _prepare(self, gen: Generation, warm: bool) -> Ticket:
-        """Tokenize (with the model that will run it), check the context, charge the rate limit."""
+    async def start_choices(self, gen: Generation, n: int, warm: bool = False) -> list[Ticket]:
+        """`n` choices of one prompt (OpenAI's n), all queued or none: rendered, tokenized, checked
+        and compiled once (choices.py). A full queue refuses before any template work."""
+        return await choices.start(self, gen, n, warm)
+
+    async def prompts_ready(self) -> None:
+        """Until no model swap is under way: a prompt is tokenized for the model that will run it."""
         await self._not_swapping.wait()
-        prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools)
-        context = self.engine.info.context_length
-        if len(prompt_ids) >= context:
-            # Anthropic's exact words: Claude Code matches the whole message to tell the user the
-            # conversation no longer fits (and to offer compaction). M leaves one token to generate.
-            raise invalid(f"prompt is too long: {len(prompt_ids)} tokens > {context - 1} maximum", param="messages")
-        seq = Sequence(
-            prompt_ids=prompt_ids,
-            max_tokens=min(gen.max_tokens, self.config.max_output_tokens or gen.max_tokens),
-            context_length=context,
-            sampling=replace(gen.sampling, constraint=None if warm else await self.constraint(gen)),
-            stop=gen.stop,
-            priority=gen.priority,
-            tenant=gen.tenant,
-            agent=gen.agent,
-            background=gen.background,
-            fresh_start=gen.fresh_start,
-            fingerprint=self.engine.info.fingerprint,
-        )
-        ticket = Ticket(seq)
-        if gen.breakpoint:
-            ticket.cache_breakpoint = await self._render(self.renderer.count_prefix, gen.messages, gen.breakpoint,
-                                                         list(gen.tools))
-        if warm:
-            ticket.stored = self.scheduler.when_stored(seq)
-        if self.limiter is not None and gen.rate_key is not None:
-            # The prompt and the first step of output up front; the rest as generated (at settle).
-            first = min(seq.max_output, self.scheduler.limits.kv_grow_tokens)
-            ticket.grant = charge(self.limiter, gen.rate_key, len(prompt_ids) + first)
-        return ticket
 
     async def swap_model(self, spec: str) -> float:
         """Load another model: new requests wait in the queue, running ones finish, then the swap;
