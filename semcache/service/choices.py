@@ -75,6 +75,7 @@ async def _admitted(scheduler: Scheduler, seqs: list[Sequence]) -> None:
 async def _prepare(service: Service, gen: Generation, n: int, warm: bool) -> list[Ticket]:
     """Tokenize (with the model that will run it), check the context, compile the grammar, and make
     the choices' tickets, each charged its tokens."""
+    epoch = service.scheduler.deletions.count if gen.epoch is None else gen.epoch
     await service.prompts_ready()
     context = service.engine.info.context_length
     prompt_ids = await service.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools,
@@ -87,7 +88,7 @@ async def _prepare(service: Service, gen: Generation, n: int, warm: bool) -> lis
     try:
         for i in range(n):
             sampling = _choice(gen.sampling, i, constraint)
-            tickets.append(_ticket(service, gen, prompt_ids, sampling, warm))
+            tickets.append(_ticket(service, gen, prompt_ids, sampling, epoch, warm))
     except BaseException:
         for ticket in tickets:
             service.release(ticket)
@@ -105,7 +106,7 @@ def _choice(sampling: SamplingParams, i: int, constraint: Any) -> SamplingParams
     return replace(sampling, seed=seed, constraint=own)
 
 
-def _ticket(service: Service, gen: Generation, prompt_ids: list[int], sampling: SamplingParams,
+def _ticket(service: Service, gen: Generation, prompt_ids: list[int], sampling: SamplingParams, epoch: int,
             warm: bool) -> Ticket:
     """One choice: its Sequence, charged the prompt and the first step of output up front (the rest
     as generated, at settle)."""
@@ -122,6 +123,7 @@ def _ticket(service: Service, gen: Generation, prompt_ids: list[int], sampling: 
         background=gen.background,
         fresh_start=gen.fresh_start,
         fingerprint=info.fingerprint,
+        epoch=epoch,
     )
     ticket = Ticket(seq)
     if service.limiter is not None and gen.rate_key is not None:

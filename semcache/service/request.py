@@ -36,6 +36,7 @@ class Generation:
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     json_mode: bool = False  # OpenAI response_format: the answer is JSON (matching json_schema if set)
     json_schema: dict | None = None
+    epoch: int | None = None  # deletions seen when the request started (None: now); scheduler/deletions.py
 
 
 def charge(limiter: RateLimiter, key: str, tokens: int, requests: int = 1) -> Grant:

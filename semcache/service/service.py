@@ -107,13 +107,20 @@ class Service:
         return self.cache.agents(tenant, agent) if self.cache is not None else []
 
     async def delete_agent(self, tenant: str, agent: str) -> int:
+        self.scheduler.deletions.record(tenant, agent)  # first: what the agent has in flight stores nothing
         return await self.cache.delete(tenant, agent) if self.cache is not None else 0
 
     async def evict_agent(self, tenant: str, agent: str) -> list:
         return await self.cache.evict(tenant, agent) if self.cache is not None else []
 
     async def purge_tenant(self, tenant: str) -> int:
+        self.scheduler.deletions.record(tenant)
         return await self.cache.purge(tenant) if self.cache is not None else 0
+
+    def deleted(self, ticket: Ticket) -> bool:
+        """The request's agent (or tenant) was deleted while it ran: its KV is not stored."""
+        seq = ticket.seq
+        return self.scheduler.deletions.covers(seq.epoch, seq.tenant, seq.agent)
 
     # The request path -----------------------------------------------------------------------
 
