@@ -148,6 +148,19 @@ def rewrite_header(path, edit, reseal: bool = True) -> None:
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
 
 
+def count_tokenize(service) -> list:
+    """Record every call of `service.tokenize` (rendering and tokenizing a prompt) in the list returned."""
+    calls: list = []
+    tokenize = service.tokenize
+
+    async def counting(*args, **kwargs):
+        calls.append(args)
+        return await tokenize(*args, **kwargs)
+
+    service.tokenize = counting
+    return calls
+
+
 @pytest.fixture
 def fake_engine(tokenizer):
     return FakeEngine(tokenizer)

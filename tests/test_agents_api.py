@@ -4,6 +4,7 @@ The fake engine's "KV" is the token ids themselves and it records every admissio
 prefix is not the start of its own prompt (`prefix_errors`): a wrong hit fails these tests.
 """
 
+import asyncio
 import json
 
 import pytest
@@ -256,3 +257,73 @@ class TestAgentsEndpoints:
         assert "cache_min_prefix" in error["message"]
         assert (body["type"] == "error") if dialect == "anthropic" else (error["type"] == "invalid_request_error")
         assert (await client.get("/v1/agents/w3")).status == 404
+
+async def until(condition, timeout: float = 5.0) -> None:
+    """Poll `condition` (every 5 ms) until it holds; fail after `timeout` seconds."""
+    for _ in range(int(timeout / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition never held")
+
+
+async def settled(service) -> None:
+    """Every turn's background work done and every finished sequence's KV handed to the cache."""
+    await asyncio.gather(*service.turns.tasks)
+    await service.scheduler.wait_idle()
+
+
+class TestDeletionWins:
+    """A request in flight when its agent (or tenant) is deleted answers, but stores nothing after."""
+
+    async def test_a_request_in_flight_stores_nothing_once_its_agent_is_deleted(self, make_client, tokenizer):
+        engine = FakeEngine(tokenizer, reply="word " * 40, step_delay=0.01)
+        client = await make_client(engine, **CACHE)
+        service = client.app[SERVICE]
+        status, first = await post_msg(client, msg(convo("What is 2+2?")), "doomed")
+        await settled(service)
+        assert status == 200 and service.agents("default", "doomed")
+        turn = msg(convo("What is 2+2?", first["content"][0]["text"], "And 3+3?"))
+        running = asyncio.create_task(post_msg(client, turn, "doomed"))
+        await until(lambda: service.num_running == 1)
+        r = await client.delete("/v1/agents/doomed")
+        assert r.status == 200 and (await r.json())["entries"] >= 1
+        status, answer = await running
+        assert status == 200 and answer["stop_reason"] == "max_tokens"  # the client still gets its answer
+        await settled(service)  # its KV, and its canonical reply's prefill, would be stored by now
+        assert service.agents("default", "doomed") == []
+        assert (await client.get("/v1/agents/doomed")).status == 404
+        status, _ = await post_msg(client, turn, "doomed")  # a request after the deletion is cached again
+        await settled(service)
+        assert status == 200 and service.agents("default", "doomed")
+
+    async def test_a_tenant_purge_wins_over_its_requests_in_flight(self, make_client, tokenizer, tmp_path):
+        keys = tmp_path / "keys"
+        keys.write_text("alpha:k1\nbeta:k2\n")
+        engine = FakeEngine(tokenizer, reply="word " * 40, step_delay=0.01)
+        client = await make_client(engine, api_keys_file=str(keys), admin_key="adm", **CACHE)
+        service = client.app[SERVICE]
+        running = [asyncio.create_task(post_msg(client, msg(convo("Hello")), "a", key)) for key in ("k1", "k2")]
+        await until(lambda: service.num_running == 2)
+        r = await client.delete("/admin/tenants/alpha/agents", headers={"x-api-key": "adm"})
+        assert r.status == 200
+        assert [status for status, _ in await asyncio.gather(*running)] == [200, 200]
+        await settled(service)
+        listed = lambda key: client.get("/v1/agents", headers={"x-api-key": key})  # noqa: E731
+        assert (await (await listed("k1")).json())["data"] == []
+        assert len((await (await listed("k2")).json())["data"]) == 1  # the other tenant's is kept
+
+    async def test_a_warm_up_in_flight_is_a_409_once_its_agent_is_deleted(self, make_client, tokenizer):
+        engine = FakeEngine(tokenizer, step_delay=0.1)
+        client = await make_client(engine, **CACHE)
+        service = client.app[SERVICE]
+        warm = {"model": "m", "system": SYSTEM, "messages": convo("First question?")}
+        warming = asyncio.create_task(client.post("/v1/agents/w3/warm", json=warm, headers=ANTHROPIC))
+        await until(lambda: service.num_running == 1)
+        assert (await client.delete("/v1/agents/w3", headers=ANTHROPIC)).status == 404  # nothing stored yet
+        r = await warming
+        assert r.status == 409, await r.text()
+        error = (await r.json())["error"]
+        assert error["type"] == "invalid_request_error" and "deleted while it was being warmed" in error["message"]
+        await settled(service)
+        assert service.agents("default", "w3") == []

@@ -6,6 +6,9 @@ import re
 
 import pytest
 
+from semcache.http.appkeys import SERVICE
+from semcache.text.chat import PromptRenderer
+from semcache.text.grammar import Grammars
 from tests.conftest import FAKE_REPLY, FakeEngine
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
@@ -139,6 +142,23 @@ class TestAnthropicMessages:
         )
 
 
+    async def test_count_tokens_takes_a_queue_place_like_generation(self, make_client):
+        """count_tokens tokenizes as much as a generation does: it holds a queue place meanwhile, so a
+        full queue refuses it at once (529 with Retry-After) instead of tokenizing without bound."""
+        client = await make_client(max_active=1, max_queue=1)
+        scheduler = client.app[SERVICE].scheduler
+        scheduler.reserve()
+        scheduler.reserve()  # the queue's place and the free slot's, held by requests being prepared
+        req = {"model": "m", "messages": MSG["messages"]}
+        r = await client.post("/v1/messages/count_tokens", json=req, headers=ANTHROPIC)
+        assert r.status == 529 and int(r.headers["Retry-After"]) >= 1
+        assert_anthropic_error(await r.json(), "overloaded_error", "queue is full")
+        scheduler.unreserve()
+        r = await client.post("/v1/messages/count_tokens", json=req, headers=ANTHROPIC)
+        assert r.status == 200 and (await r.json())["input_tokens"] > 0
+        assert scheduler.waiting.num_reserved == 1  # its place was given back
+
+
 class TestOpenAIChat:
     async def test_non_streaming_shape(self, make_client):
         """chatcmpl- id, one choice with the message, finish_reason stop, usage with cached_tokens."""
@@ -214,6 +234,28 @@ class TestOpenAIChat:
             assert "".join(c["delta"].get("content", "") for c in mine) == FAKE_REPLY
             assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["stop"]
         assert chunks[-1]["usage"]["completion_tokens"] == 22
+
+    async def test_n_choices_render_tokenize_and_compile_once(self, make_client, tokenizer, monkeypatch):
+        """n=16 renders and tokenizes the prompt once and compiles its grammar once (it did both 16
+        times); each choice still gets its own seed and its own grammar state."""
+        calls = []
+        render, compile_ = PromptRenderer.render, Grammars.compile
+        monkeypatch.setattr(PromptRenderer, "render", lambda *a, **k: calls.append("render") or render(*a, **k))
+        monkeypatch.setattr(Grammars, "compile", lambda *a, **k: calls.append("compile") or compile_(*a, **k))
+        admitted = []
+
+        class Recording(FakeEngine):
+            async def step(self, admit, release, keep=()):
+                admitted.extend(a.sampling for a in admit)
+                return await super().step(admit, release, keep)
+
+        client = await make_client(engine=Recording(tokenizer))
+        req = {**CHAT, "n": 16, "seed": 7, "max_tokens": 4, "response_format": {"type": "json_object"}}
+        r = await client.post("/v1/chat/completions", json=req)
+        assert r.status == 200 and len((await r.json())["choices"]) == 16
+        assert calls == ["render", "compile"]
+        assert sorted(s.seed for s in admitted) == list(range(7, 23))
+        assert len({id(s.constraint) for s in admitted}) == 16 and all(s.constraint for s in admitted)
 
     async def test_n_above_max_active_is_400(self, make_client):
         """More choices than can run at once is refused up front."""
@@ -395,6 +437,51 @@ class TestErrors:
         events = sse_events((await r.content.read()).decode())
         assert "error" in json.loads(events[-1][1])
         assert (None, "[DONE]") not in events
+
+
+    async def test_a_prompt_far_past_the_context_is_refused_before_it_is_tokenized(self, make_client, tokenizer,
+                                                                                   monkeypatch):
+        """A body of megabytes was tokenized (seconds of a worker thread) before the context check.
+        Its length alone now shows it cannot fit (no token covers more bytes than the longest in the
+        vocabulary): the same 400, in Claude Code's words, without tokenizing; count_tokens too."""
+        encoded = []
+        encode = type(tokenizer).encode
+        monkeypatch.setattr(type(tokenizer), "encode", lambda self, text, **k: encoded.append(len(text))
+                            or encode(self, text, **k))
+        client = await make_client()  # context 8,192 tokens
+        huge = [{"role": "user", "content": "word " * 400_000}]  # 2 MB: ~400,000 tokens
+        r = await client.post("/v1/messages", json={**MSG, "messages": huge}, headers=ANTHROPIC)
+        message = (await r.json())["error"]["message"]
+        assert r.status == 400 and re.fullmatch(r"prompt is too long: \d+ tokens > 8191 maximum", message)
+        assert int(message.split()[4]) >= 8192
+        r = await client.post("/v1/chat/completions", json={**CHAT, "messages": huge, "n": 4})
+        assert r.status == 400 and "prompt is too long" in (await r.json())["error"]["message"]
+        r = await client.post("/v1/messages/count_tokens", json={"model": "m", "messages": huge}, headers=ANTHROPIC)
+        assert r.status == 400 and "prompt is too long" in (await r.json())["error"]["message"]
+        assert max(encoded, default=0) < 1000  # nothing big was tokenized
+        r = await client.post("/v1/messages", json=MSG, headers=ANTHROPIC)
+        assert r.status == 200  # a prompt that fits is tokenized as before
+
+    @pytest.mark.parametrize("path, field", [("/v1/messages", "stop_sequences"), ("/v1/chat/completions", "stop")])
+    async def test_stop_strings_are_capped_in_number_and_length(self, make_client, path, field):
+        """Every token is matched against every stop string on the event loop (1,000,000 of them cost
+        16.7 ms a token): at most 64 strings of 8,192 characters in all, in both dialects; more is a
+        400 naming the field, and 64 still work (OpenAI's dialect took only 4)."""
+        client = await make_client()
+        base = MSG if path == "/v1/messages" else CHAT
+        headers = ANTHROPIC if path == "/v1/messages" else {}
+        many = [f"never-{i}-" + "x" * 100 for i in range(63)] + ["brown"]
+        r = await client.post(path, json={**base, field: many}, headers=headers)
+        body = await r.json()
+        assert r.status == 200, body
+        text = body["content"][0]["text"] if path == "/v1/messages" else body["choices"][0]["message"]["content"]
+        assert text == "The quick "
+        for stops, says in ((many + ["one more"], "at most 64 stop sequences"),
+                            (["x" * 8193], "at most 8192 characters"), ([f"s{i}" for i in range(10**6)], "got 1000000")):
+            r = await client.post(path, json={**base, field: stops}, headers=headers)
+            error = (await r.json())["error"]
+            assert r.status == 400 and error["message"].startswith(field) and says in error["message"], error
+            assert path == "/v1/messages" or error["param"] == field
 
 
 class TestCapacity:

@@ -106,3 +106,94 @@ class TestMidConversationSystemMessages:
         text = PromptRenderer(Strict()).text(self.MESSAGES)
         assert text == ("[system]Be brief.[user]hi[assistant]hello"
                         "[user]<system-reminder>\nThe time is noon.\n</system-reminder>\n\nand now?[assistant]")
+
+
+# The token floor: a prompt far past the context is refused without tokenizing it ------------------------
+
+import pytest  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+
+from semcache.text.tokenfloor import Floor  # noqa: E402
+
+CORPUS = ["hello world, the quick brown fox", "naïve café über Straße", "東京 한국어 😀 ﬁ Ａ 𝐀 K",
+          "    indented\n\tcode = 1234567", "-----====== ////"] * 20
+PIECES = st.sampled_from(["\n" + " " * 80, " " * 200, "-" * 64, "1234567890", "<|im_start|>", "<|im_end|>",
+                          "e\u0301", "\u1100\u1161\u11a8", "Ａ", "𝐀", "K", "İ", "\ufdfa", "ﬁ", "\ud800", "▁"])
+TEXTS = st.lists(PIECES | st.text(max_size=30), max_size=40).map("".join)
+
+
+def trained(model, trainer, normalizer=None, pre=None, decoder=None) -> Tokenizer:
+    tok = Tokenizer(model)
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre
+    if decoder is not None:
+        tok.decoder = decoder
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return tok
+
+
+def sentencepiece_like() -> Tokenizer:
+    """Llama 2 style: BPE over "▁"-joined words, NFKC, unknown bytes as <0x..> tokens."""
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    return trained(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True),
+                   trainers.BpeTrainer(special_tokens=["<unk>", *bytes_], vocab_size=600),
+                   normalizers.Sequence([normalizers.NFKC(), normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]))
+
+
+def byte_level_nfc() -> Tokenizer:
+    """Qwen style: NFC, then byte-level BPE."""
+    return trained(models.BPE(), trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+                   normalizers.NFC(), pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel())
+
+
+@pytest.fixture(scope="module")
+def tokenizers_(tokenizer):
+    return {"smollm2": tokenizer.backend_tokenizer, "sentencepiece-like": sentencepiece_like(),
+            "byte-level + NFC": byte_level_nfc()}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(text=TEXTS, limit=st.sampled_from([1, 3, 10, 50, 10**9]))
+def test_the_floor_never_exceeds_the_real_count(tokenizers_, text, limit):
+    """Whatever the text (runs of the longest tokens, special tokens, characters a normalizer
+    shrinks or grows, lone surrogates), the floor is at most the tokens the text really has."""
+    for name, tok in tokenizers_.items():
+        try:
+            real = len(tok.encode(text, add_special_tokens=False).ids)
+        except Exception:  # a text the tokenizer itself refuses (a lone surrogate): nothing to bound
+            continue
+        assert Floor(tok).tokens(text, limit) <= real, name
+
+
+def test_the_floor_is_tight_on_the_longest_tokens(tokenizer):
+    """On SmolLM2 the longest token is a newline and 80 spaces (81 bytes): a text made of it has
+    exactly the floor's count, so the floor refuses nothing that fits."""
+    floor = Floor(tokenizer.backend_tokenizer)
+    text = ("\n" + " " * 80) * 1000
+    assert floor.longest == 81
+    assert floor.tokens(text, 10) == len(tokenizer.encode(text, add_special_tokens=False)) == 1000
+
+
+@pytest.mark.parametrize("change", ["whitespace split", "rstrip special", "word piece", "truncation",
+                                    "unknown runs fused", "strip normalizer"])
+def test_tokenizers_where_a_token_can_cover_any_length_get_no_floor(change):
+    """Where one token can cover text of any length, or a normalizer may remove text, the floor is
+    0: the prompt is tokenized to be counted."""
+    from tokenizers import AddedToken
+
+    tok = byte_level_nfc()
+    if change == "whitespace split":
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    elif change == "rstrip special":
+        tok.add_special_tokens([AddedToken("<eot>", rstrip=True)])
+    elif change == "word piece":
+        tok = trained(models.WordPiece(unk_token="[UNK]"), trainers.WordPieceTrainer(special_tokens=["[UNK]"]),
+                      pre=pre_tokenizers.Whitespace())
+    elif change == "truncation":
+        tok.enable_truncation(16)
+    elif change == "unknown runs fused":
+        tok = trained(models.BPE(unk_token="<unk>", fuse_unk=True), trainers.BpeTrainer(special_tokens=["<unk>"]))
+    else:
+        tok.normalizer = normalizers.Strip()
+    assert Floor(tok).tokens("x" * 100_000, 1) == 0

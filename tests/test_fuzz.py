@@ -82,10 +82,13 @@ OPENAI_TOOL_TURNS = [USER, {"role": "assistant", "content": None, "tool_calls": 
 def bodies(required: dict, optional: dict, tools: list, tool_turns: list) -> st.SearchStrategy:
     """Plain conversations, and (one in three) tools declared with a call-and-result history."""
     plain = st.fixed_dictionaries(required, optional=optional)
-    with_tools = {**required, "tools": st.just(tools), "messages": st.sampled_from([tool_turns, [USER]])}
+    with_tools = {**required, "tools": st.just(tools), "messages": st.sampled_from([tool_turns, tool_turns, [USER]])}
     return plain | plain | st.fixed_dictionaries(with_tools, optional=optional)
 
 
+# Stop strings around the caps (64 strings, 8,192 characters in all): a few, 60-70, and long ones.
+many_stops = (st.integers(60, 70).flatmap(lambda n: st.lists(small_text, min_size=n, max_size=n))
+              | st.integers(1, 5).map(lambda n: ["x" * 2100] * n))
 anthropic_prompt = {"model": st.just("claude-fuzz"), "messages": anthropic_messages}
 anthropic_optional = {
     "system": small_text | st.lists(text_block, max_size=2),
@@ -94,7 +97,7 @@ anthropic_optional = {
 }
 message_body = bodies({**anthropic_prompt, "max_tokens": st.integers(1, 16)}, {
     **anthropic_optional,
-    "stop_sequences": st.lists(small_text, max_size=3),
+    "stop_sequences": st.lists(small_text, max_size=3) | many_stops,
     "stream": st.booleans(),
     "temperature": st.floats(0, 1),
     "top_p": st.floats(0, 1),
@@ -108,13 +111,14 @@ chat_body = bodies({"model": st.just("gpt-fuzz"), "messages": openai_messages}, 
     "temperature": st.floats(0, 2),
     "top_p": st.floats(0, 1),
     "n": st.integers(1, 3),
-    "stop": small_text | st.lists(small_text, max_size=4),
+    "stop": small_text | st.lists(small_text, max_size=4) | many_stops,
     "stream": st.booleans(),
     "seed": st.integers(-(2**63), 2**64 - 1),
     "user": text,
     "tool_choice": st.sampled_from(["auto", "none", "required",
                                     {"type": "function", "function": {"name": "get_weather"}}]),
-    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"},
+                                        {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}]),
 }, OPENAI_TOOLS, OPENAI_TOOL_TURNS)
 warm_anthropic = st.fixed_dictionaries({"model": st.just("claude-fuzz"), "system": small_text,
                                         "messages": anthropic_messages | st.just(CLAUDE_TOOL_TURNS)},
@@ -150,6 +154,22 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
     max_leaves=20,
 )
+
+
+def deep_object(depth: int) -> dict:
+    """{"a": {"a": ... 1}}, `depth` objects deep (built without recursion)."""
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+# Deep nesting (tool schemas, response formats, tool_use input; arguments as JSON text), around
+# the limit of 100 levels; deeper objects than ~400 would not even encode in this test's json.dumps.
+deep_objects = (st.sampled_from([100, 101]) | st.integers(95, 400)).map(deep_object)
+depths = st.sampled_from([100, 101, 2_000, 20_000, 100_000])  # Python's json gives up near 1,000
+deep_texts = depths.map(lambda d: '{"a":' * d + "1" + "}" * d) | depths.map(lambda d: "[" * d + "]" * d)
+RECURSION_POINTS = {"arguments", "input", "parameters", "input_schema", "schema", "properties"}
 hostile_values = st.sampled_from([
     None, True, False, 0, -1, 10**30, -(10**30), 2**63, 2**64, -(2**63) - 1, 1e308, -1e308, 5e-324, 0.5,
     "", "x" * 20_000, [], {}, [[]], [{}], ["a"] * 5_000, [None], {"type": "text"}, {"type": "image"},
@@ -221,7 +241,12 @@ def mutated(draw, bodies):
     if doc is None:
         return b""
     path = draw(st.sampled_from(list(paths_in(doc))))
-    how = draw(st.sampled_from(["keep", "replace", "delete", "raw", "utf8", "unknown"]))
+    how = draw(st.sampled_from(["keep", "replace", "delete", "raw", "utf8", "unknown", "deep", "deep"]))
+    if how == "deep":  # tool schemas, arguments (JSON text) and inputs nested around and past the limit
+        points = [p for p in paths_in(doc) if p and p[-1] in RECURSION_POINTS] or [path]
+        points += [p for p in points if p[-1:] == ("arguments",)]  # the one that was a 500: twice as often
+        point = draw(st.sampled_from(points))
+        return encode(set_at(doc, point, draw(deep_texts if point[-1:] == ("arguments",) else deep_objects)))
     if how == "replace":
         return encode(set_at(doc, path, draw(hostile_values)))
     if how == "delete" and path:
@@ -482,6 +507,55 @@ def test_hostile_bodies_never_get_a_5xx(daemon, template, scale):
     assert_daemon_answers(daemon)
 
 
+TOOL_BODIES = {  # the generation routes' bodies with a tool declared, called and answered
+    "/v1/messages": {"model": "m", "max_tokens": 8, "tools": CLAUDE_TOOLS, "messages": CLAUDE_TOOL_TURNS},
+    "/v1/chat/completions": {"model": "m", "max_tokens": 8, "tools": OPENAI_TOOLS, "messages": OPENAI_TOOL_TURNS,
+                             "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}},
+    "/v1/agents/{agent_id}/warm": {"model": "m", "tools": OPENAI_TOOLS, "messages": OPENAI_TOOL_TURNS},
+}
+
+
+def nested_schema(depth: int) -> str:
+    """JSON text of a valid object schema nesting `depth` levels (a property's schema is two)."""
+    pairs, odd = divmod(depth - 1, 2)
+    inner = '{"type": "array", "items": {"type": "string"}}' if odd else '{"type": "string"}'
+    return '{"type": "object", "properties": {"a": ' * pairs + inner + "}}" * pairs
+
+
+@st.composite
+def deep_requests(draw):
+    """A tool body with one recursion point (tool schema, response format, tool_use input, call
+    arguments as JSON text) nested around and far past the limit of 100 levels: (path, body, depth)."""
+    template = draw(st.sampled_from(sorted(TOOL_BODIES)))
+    doc = TOOL_BODIES[template]
+    point = draw(st.sampled_from([p for p in paths_in(doc) if p and p[-1] in RECURSION_POINTS]))
+    depth = draw(st.sampled_from([100, 101, 400, 2_000, 20_000, 100_000]))
+    if point[-1] == "properties":  # the field is the schema holding them: one level more
+        value = '{"a": ' + nested_schema(depth - 2) + "}"
+    else:
+        value = nested_schema(depth)
+    text = point[-1] == "arguments"
+    body = encode(set_at(doc, point, value if text else RAW), b"" if text else value.encode())
+    return template.replace("{agent_id}", "fuzz-agent"), body, depth
+
+
+@settings(max_examples=60, **FUZZ)
+@given(req=deep_requests())
+def test_deep_nesting_at_every_recursion_point_is_a_400_never_a_5xx(roomy_daemon, req):
+    """Nesting past 100 levels where the server recurses on it (the chat template, json, the grammar
+    compiler) is a 400 naming the field, whatever the route (or, deeper than the body's decoder
+    goes, a 400 saying so); at 100 levels, an answer."""
+    path, body, depth = req
+    status, headers, data = roomy_daemon.send("POST", path, body, {"Content-Type": "application/json"})
+    assert status < 500, (status, data[:300])
+    if depth <= 100:
+        assert status == 200, data[:300]
+        return
+    message = check_error(status, headers, data, path == "/v1/messages")["message"]
+    assert status == 400 and ("nested more than 100 levels deep" in message
+                              or depth >= 2_000 and "nested too deeply" in message), message
+
+
 def test_at_least_1000_bodies_were_sent():
     """Counted, not assumed: the fuzz above (its fast half alone) sent >= 1,000 bodies across all
     POST routes."""
@@ -504,7 +578,12 @@ EXTREMES = {  # name: (path, body, the status it gets)
     "n 10**9": ("/v1/chat/completions", {**CHAT, "n": 10**9}, 400),
     "seed 10**30": ("/v1/chat/completions", {**CHAT, "seed": 10**30}, 200),
     "10,000 stop sequences": ("/v1/messages", {**MSG, "stop_sequences": [f"never-{i}-" * 10 for i in range(10_000)]},
-                              200),
+                              400),
+    "1,000,000 stop sequences": ("/v1/messages", {**MSG, "stop_sequences": [f"s{i}" for i in range(10**6)]}, 400),
+    "64 stops of 128 characters": ("/v1/messages", {**MSG, "stop_sequences": [f"{i:02}" * 64 for i in range(64)]},
+                                   200),
+    "64 stops of 128 characters (openai)": ("/v1/chat/completions", {**CHAT, "stop": [f"{i:02}" * 64 for i in range(64)]},
+                                            200),
     "10,000 stops (openai)": ("/v1/chat/completions", {**CHAT, "stop": [f"never-{i}" for i in range(10_000)]}, 400),
     "100,000 messages": ("/v1/messages", {**MSG, "messages": [{"role": "user", "content": "hello " * 5}] * 100_000},
                          400),
@@ -514,6 +593,24 @@ EXTREMES = {  # name: (path, body, the status it gets)
                                                  + CHAT["messages"]}, 400),
     "100,000 messages (openai)": ("/v1/chat/completions", {
         **CHAT, "messages": [{"role": "user", "content": "hello " * 5}] * 100_000}, 400),
+    "a 30 MB prompt, n=16": ("/v1/chat/completions", {
+        **CHAT, "n": 16, "messages": [{"role": "user", "content": "hello " * 5_000_000}]}, 400),
+    "a 30 MB count_tokens": ("/v1/messages/count_tokens", {
+        "model": "m", "messages": [{"role": "user", "content": "hello " * 5_000_000}]}, 400),
+    **{f"{where} nested 900 deep": (path, json.dumps(doc).replace('"DEEP"', '{"a":' * 900 + "1" + "}" * 900).encode(),
+                                    400) for where, path, doc in [
+        ("tool_use input", "/v1/messages", {**MSG, "tools": CLAUDE_TOOLS, "messages": [
+            USER, {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "get_weather",
+                                                     "input": "DEEP"}]}]}),
+        ("input_schema", "/v1/messages", {**MSG, "tools": [{"name": "t", "input_schema": {
+            "type": "object", "properties": "DEEP"}}]}),
+        ("parameters", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {
+            "name": "t", "parameters": {"type": "object", "properties": "DEEP"}}}]}),
+        ("response_format schema", "/v1/chat/completions", {**CHAT, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "r", "schema": "DEEP"}}})]},
+    "arguments nested 1,000,000 deep": ("/v1/chat/completions", {**CHAT, "tools": OPENAI_TOOLS, "messages": [
+        USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "get_weather", "arguments": "[" * 10**6 + "]" * 10**6}}]}]}, 400),
 }
 
 
@@ -522,7 +619,9 @@ def test_extreme_values_are_a_400_or_an_answer_quickly(roomy_daemon, name):
     """Huge numbers, NaN, 10,000 stop strings, 100,000-message lists: a 4xx in dialect or a real
     answer within seconds, while /health/live keeps answering."""
     path, doc, expected = EXTREMES[name]
-    body = json.dumps(doc).encode()  # NaN is written as the bare token NaN, which JSON does not have
+    # NaN is written as the bare token NaN, which JSON does not have; nesting too deep for
+    # json.dumps comes as bytes
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     assert len(body) < 32 << 20
     result = {}
     thread = threading.Thread(target=lambda: result.update(answer=send_raw_once(roomy_daemon, path, body)))

@@ -17,7 +17,7 @@ from semcache.http.app import make_app
 from semcache.ops.config import Config
 from semcache.ops.logs import JsonFormatter
 from semcache.ops.tenants import KeyRing, parse_keys_file
-from tests.conftest import FakeEngine, serve_in_thread
+from tests.conftest import FakeEngine, count_tokenize, serve_in_thread
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
 MSG = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
@@ -292,6 +292,22 @@ class TestRateLimits:
         assert r.status == 429 and r.headers["x-ratelimit-limit-requests"] == "3"
         clock.now += 20  # one request's worth (3 per minute)
         assert (await client.post("/v1/messages", json=MSG, headers=h)).status == 200
+
+    async def test_rpm_is_charged_before_any_template_work(self, make_client):
+        """Each request is charged one request of rpm on arrival, count_tokens included: past the
+        limit it is a 429 before its prompt is rendered, tokenized or its grammar compiled (the
+        generation routes were charged only after all of that)."""
+        from semcache.http.appkeys import SERVICE
+
+        client = await make_client(clock=FakeClock(), rate_limit_rpm=2)
+        tokenized = count_tokenize(client.app[SERVICE])
+        count = {"model": "m", "messages": MSG["messages"]}
+        statuses = [(await client.post("/v1/messages", json=MSG, headers=ANTHROPIC)).status,
+                    (await client.post("/v1/messages/count_tokens", json=count, headers=ANTHROPIC)).status,
+                    (await client.post("/v1/messages", json=MSG, headers=ANTHROPIC)).status,
+                    (await client.post("/v1/chat/completions", json={**CHAT, "n": 3})).status,
+                    (await client.post("/v1/messages/count_tokens", json=count, headers=ANTHROPIC)).status]
+        assert statuses == [200, 200, 429, 429, 429] and len(tokenized) == 2
 
     async def test_token_budget_is_charged_up_front_and_refunded(self, make_client):
         """tpm: the prompt and the first step of output (kv_grow_tokens) are charged before queueing

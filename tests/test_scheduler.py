@@ -371,3 +371,25 @@ class TestKVGrowth:
         assert not engine.prefix_errors
         assert all(a["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 for a in answers)
         service.scheduler.check_integrity()
+
+
+def test_a_deletion_covers_only_its_own_agent_or_tenant_and_only_earlier_requests():
+    """Deletion wins (scheduler/deletions.py): a sequence's KV is dropped when its agent, or its
+    whole tenant, was deleted after its request started; one that started later stores as usual.
+    Deletions older than the remembered ones count as covering every request that lived through them."""
+    from semcache.scheduler.deletions import Deletions
+
+    deletions = Deletions(remembered=3)
+    before = deletions.count
+    assert not deletions.covers(before, "t", "a")
+    deletions.record("t", "b")
+    assert deletions.covers(before, "t", "b") and not deletions.covers(before, "t", "a")
+    assert not deletions.covers(before, "u", "b")  # another tenant's agent of the same name
+    deletions.record("u")
+    assert deletions.covers(before, "u", "a") and deletions.covers(before, "u", None)
+    after = deletions.count
+    assert not deletions.covers(after, "t", "b") and not deletions.covers(after, "u", "a")
+    for _ in range(3):
+        deletions.record("v", "z")
+    assert deletions.covers(before, "t", "a")  # lived through deletions no longer remembered: dropped
+    assert not deletions.covers(after, "t", "a")  # every deletion since it started is remembered

@@ -28,7 +28,7 @@ from perf.stress.overload import overload
 from perf.stress.sustained import sustained
 from semcache.http.appkeys import INFLIGHT, SERVICE
 from semcache.scheduler.scheduler import Overloaded
-from tests.conftest import FakeEngine
+from tests.conftest import FakeEngine, count_tokenize
 
 STEP = 0.02  # the fake engine's step time
 LONG_REPLY = " ".join(f"word{i}" for i in range(120))
@@ -75,15 +75,7 @@ class TestQueuePlaces:
         """20 concurrent requests against 2 slots + 3 queue places: 5 are tokenized and served,
         15 are refused (529/503 with Retry-After) without rendering their prompts."""
         client = await make_client(FakeEngine(tokenizer, step_delay=0.05), max_active=2, max_queue=3)
-        service = client.app[SERVICE]
-        tokenized = []
-        tokenize = service.tokenize
-
-        async def counting(*args, **kwargs):
-            tokenized.append(1)
-            return await tokenize(*args, **kwargs)
-
-        service.tokenize = counting
+        tokenized = count_tokenize(client.app[SERVICE])
         body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
         posts = [client.post("/v1/messages" if i % 2 else "/v1/chat/completions", json=body,
                              headers=ANTHROPIC if i % 2 else {}) for i in range(20)]

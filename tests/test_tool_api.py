@@ -276,3 +276,84 @@ async def test_warm_with_tools_makes_the_first_tool_turn_a_hit(make_client):
     r = await client.post("/v1/messages", json=body, headers={"X-Agent-ID": "weather-bot"})
     usage = (await r.json())["usage"]
     assert usage["cache_read_input_tokens"] >= warmed - 1
+
+
+# Deep nesting in tool schemas, response formats, calls and their arguments ------------------------------
+
+DEEP = "\x00deep\x00"  # placeholder for a value nested `depth` levels, spliced in as raw JSON text
+TOOL_TURN = [USER[0], {"role": "assistant", "content": [{"type": "text", "text": "I'll check."},
+                                                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                         "input": DEEP}]},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"}]}]
+CALL_TURN = [USER[0], {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": DEEP}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}]
+NESTED = {  # name: (path, body, the field the 400 names)
+    "anthropic tool_use input": ("/v1/messages", {"model": "m", "max_tokens": 8, "messages": TOOL_TURN,
+                                                  "tools": CLAUDE_TOOLS}, "messages[1].content[1].input"),
+    "anthropic input_schema": ("/v1/messages", {"model": "m", "max_tokens": 8, "messages": USER, "tools": [
+        {"name": "deep", "input_schema": DEEP}]}, "tools[0].input_schema"),
+    "openai arguments": ("/v1/chat/completions", {"model": "m", "messages": CALL_TURN, "tools": OPENAI_TOOLS},
+                         "messages[1].tool_calls[0].function.arguments"),
+    "openai parameters": ("/v1/chat/completions", {"model": "m", "messages": USER, "tools": [
+        {"type": "function", "function": {"name": "deep", "parameters": DEEP}}]}, "tools[0].function.parameters"),
+    "openai response_format": ("/v1/chat/completions", {"model": "m", "messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "r", "schema": DEEP}}}, "response_format.json_schema.schema"),
+}
+
+
+def nested(depth: int) -> str:
+    """A valid JSON object schema nesting `depth` levels in all (each property's schema is two)."""
+    pairs, odd = divmod(depth - 1, 2)
+    inner = '{"type": "array", "items": {"type": "string"}}' if odd else '{"type": "string"}'
+    return '{"type": "object", "properties": {"a": ' * pairs + inner + "}}" * pairs
+
+
+@pytest.mark.parametrize("name, depth", [(name, depth) for name in NESTED for depth in (101, 900)]
+                         + [("openai arguments", 20_000)])  # a string: not limited by the body's decoder
+async def test_deep_nesting_in_tools_and_schemas_is_a_400_naming_the_field(make_client, name, depth):
+    """Arguments nested thousands deep were a 500 (json.loads raised RecursionError); schemas and
+    inputs nested deep enough broke the chat template or the grammar compiler further on. Past 100
+    levels each is a 400 naming its field, in the route's dialect; 100 levels still work."""
+    client = await make_client()
+    path, body, field = NESTED[name]
+    value = nested(depth)
+    if name == "openai arguments":
+        value = json.dumps(value)  # a string holding the JSON text
+    raw = json.dumps(body).replace(json.dumps(DEEP), value).encode()
+    r = await client.post(path, data=raw, headers={"content-type": "application/json"})
+    error = (await r.json())["error"]
+    assert r.status == 400, error
+    assert f"{field} is nested more than 100 levels deep" in error["message"], error
+    assert path == "/v1/messages" or error["param"] == field
+    if depth == 101:  # the limit is the depth, not the size
+        shallow = json.dumps(body).replace(json.dumps(DEEP), json.dumps(nested(100)) if name == "openai arguments"
+                                           else nested(100)).encode()
+        r = await client.post(path, data=shallow, headers={"content-type": "application/json"})
+        assert r.status == 200, await r.text()
+
+
+@pytest.mark.parametrize("schema, says", [
+    ({"type": "object", "properties": {"a": {"enum": ["x" * 100] * 11_000}}}, "over the limit"),
+    ({"enum": [f"value-{i}" for i in range(50_000)]}, "initial lexer configuration (grammar) too big"),
+], ids=["grammar text", "compile fuel"])
+async def test_a_response_format_past_a_grammar_limit_is_a_400_without_a_stall(make_client, schema, says):
+    """A schema too costly to enforce is a 400 naming response_format, compiled off the event loop:
+    /health/live keeps answering meanwhile."""
+    import asyncio
+    import time
+
+    client = await make_client()
+    body = {"model": "m", "messages": USER, "response_format": {"type": "json_schema",
+                                                                "json_schema": {"name": "r", "schema": schema}}}
+    request = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+    slowest = 0.0
+    while not request.done():
+        start = time.perf_counter()
+        assert (await client.get("/health/live")).status == 200
+        slowest = max(slowest, time.perf_counter() - start)
+        await asyncio.sleep(0.01)
+    r = await request
+    error = (await r.json())["error"]
+    assert r.status == 400 and error["param"] == "response_format.json_schema.schema" and says in error["message"]
+    assert slowest < 0.5, f"the event loop stalled {slowest:.2f} s"

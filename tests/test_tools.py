@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -220,3 +222,60 @@ def test_tools_with_a_json_answer_allow_a_call_or_the_json_only(tokenizer, gramm
     assert not walk(tokenizer, union(), '<tool_call>\n{"name": "nope"')
     assert not walk(tokenizer, union("none"), "<tool_call>") and walk(tokenizer, union("none"), '{"n": 1}')
     assert not walk(tokenizer, union("required"), '{"n": 1}')
+
+
+def test_a_copied_constraint_has_its_own_state(tokenizer, grammars):
+    """OpenAI's n choices share one compiled grammar: each gets a copy that advances on its own."""
+    first = grammars.compile(json_grammar({"type": "object", "properties": {"n": {"type": "integer"}},
+                                           "required": ["n"]}))
+    second = first.copy()
+    assert walk(tokenizer, first, '{"n": 3}')
+    assert list(allowed_ids(tokenizer, first)) == [tokenizer.eos_token_id]
+    assert not walk(tokenizer, second, "}") and walk(tokenizer, second.copy(), '{"n": 12}')
+
+
+def tree(depth: int) -> dict:
+    """A schema whose every level is an object or an array of the level below: a grammar that grows
+    twice with each level."""
+    if depth == 0:
+        return {"type": "string"}
+    return {"anyOf": [{"type": "object", "properties": {"k": tree(depth - 1)}, "required": ["k"]},
+                      {"type": "array", "items": tree(depth - 1)}]}
+
+
+@pytest.mark.parametrize("schema, says", [
+    ({"type": "object", "properties": {"a": {"enum": ["x" * 100] * 11_000}}}, "over the limit of 1,048,576"),
+    (tree(12), "grammar size (number of symbols) too big"),  # 0.5 MB of grammar, compiled in ~0.2 s
+    ({"enum": [f"value-{i}" for i in range(50_000)]}, "initial lexer configuration (grammar) too big"),
+], ids=["grammar text", "grammar size", "compile fuel"])
+def test_a_schema_past_a_grammar_limit_is_refused_quickly(grammars, schema, says):
+    """Each limit on a grammar's cost (text.grammar.LIMITS) turns a schema that hits it into a
+    GrammarError (a 400) in well under a second, never a compile that runs for seconds."""
+    from semcache.text.grammar import GrammarError
+
+    start = time.perf_counter()
+    with pytest.raises(GrammarError, match=re.escape(says)):
+        grammars.compile(json_grammar(schema))
+    assert time.perf_counter() - start < 2.0  # ~0.3 s here
+
+
+def test_a_grammar_whose_mask_is_past_the_step_limit_is_refused_at_compile(grammars, monkeypatch):
+    """The first mask is computed when the grammar is compiled (off the engine's thread): a grammar
+    whose masks exceed the per-token limits is a GrammarError then, not a stall of every step. No
+    schema under the size and compile limits reaches them, so the limit is lowered to show it."""
+    from semcache.text import grammar
+
+    monkeypatch.setitem(grammar.LIMITS, "step_max_items", 500)
+    choices = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "string"}}, "required": [f"k{i}"]}
+                         for i in range(1_000)]}
+    with pytest.raises(grammar.GrammarError, match="Too many items"):
+        grammars.compile(json_grammar(choices))
+
+
+def test_a_tool_list_past_the_limits_falls_back_to_its_loose_grammar(tokenizer, grammars):
+    """Tools whose schemas are too costly to enforce still get a call of a declared tool (with its
+    required keys); only the schemas' details go unenforced."""
+    big = Tool("big", "", {"type": "object", "properties": {"a": {"enum": [f"v{i}" for i in range(50_000)]}},
+                           "required": ["a"]})
+    c = grammars.for_tools(FALLBACK, [big], ToolChoice("required"))
+    assert walk(tokenizer, c, call_text([ToolCall("1", "big", {"a": "anything"})]))

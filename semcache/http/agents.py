@@ -122,6 +122,8 @@ async def warm_agent(request: web.Request) -> web.Response:
         entry = await ticket.stored
     finally:
         service.release(ticket)
+    if entry is None and service.deleted(ticket):  # deletion wins
+        raise ApiError(Kind.CONFLICT, f"agent '{agent}' was deleted while it was being warmed; nothing was stored")
     if entry is None:
         raise ApiError(Kind.INTERNAL, "the prompt was prefilled but could not be stored")
     return web.json_response({

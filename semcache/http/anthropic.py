@@ -21,7 +21,7 @@ from semcache.http.anthropic_request import (  # noqa: F401  (re-exported: agent
 from semcache.ops.errors import anthropic_body
 from semcache.http.identity import caller, note_usage
 from semcache.http.appkeys import SERVICE
-from semcache.http.body import decode_body
+from semcache.http.body import decode_body, stop_strings
 from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
 from semcache.http.anthropic_blocks import Blocks, content
 from semcache.text.chat import reply_message
@@ -89,7 +89,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         messages=chat_messages(body),
         max_tokens=body.max_tokens,
         sampling=sampling,
-        stop=tuple(body.stop_sequences or ()),
+        stop=stop_strings(body.stop_sequences, "stop_sequences"),
         continue_final=True,  # Anthropic "prefill": the answer continues a final assistant turn
         breakpoint=breakpoint_messages(body),
         tools=tuple(tools),
@@ -171,8 +171,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body = decode_body(await request.read(), count_decoder)
     tools, _ = parse_tools(body)
-    prompt_ids = await service.tokenize(chat_messages(body), continue_final=True, tools=tools)
-    return web.json_response({"input_tokens": len(prompt_ids)})
+    return web.json_response({"input_tokens": await service.count_tokens(chat_messages(body), tools)})
 
 
 def model_info(model_id: str, context_length: int) -> dict:

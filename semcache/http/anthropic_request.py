@@ -9,7 +9,7 @@ from msgspec import Meta, Struct
 
 from semcache.text.chat import ChatMessage
 from semcache.ops.errors import invalid, unsupported
-from semcache.text.toolrequest import check_answers, check_unique, make_choice, make_tool
+from semcache.text.toolrequest import check_answers, check_depth, check_unique, make_choice, make_tool
 from semcache.text.tools import Tool, ToolCall, ToolChoice
 
 
@@ -210,7 +210,7 @@ def _turns(message: Message, where: str, previous: list[ChatMessage], has_tools:
         if isinstance(block, ToolUseBlock):
             if message.role != "assistant":
                 raise invalid(f"{at}: tool_use blocks belong in assistant turns", param=at)
-            calls.append(ToolCall(block.id, block.name, block.input))
+            calls.append(ToolCall(block.id, block.name, check_depth(block.input, f"{at}.input")))
         elif isinstance(block, ToolResultBlock):
             if message.role != "user":
                 raise invalid(f"{at}: tool_result blocks belong in user turns", param=at)

@@ -12,6 +12,10 @@ from semcache.ops.errors import invalid
 T = TypeVar("T")
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 PRIORITY_RANGE = (0, 9)
+# Every generated token is matched against the stop strings, on the event loop: their number and
+# total length are capped far above what clients send (OpenAI's API takes at most 4).
+MAX_STOPS = 64
+MAX_STOP_CHARS = 8192
 
 
 def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
@@ -53,3 +57,16 @@ def parse_priority(header: str | None, body_value: int | None, default: int) -> 
     if not low <= value <= high:
         raise invalid(f"priority must be between {low} and {high}, got {value}", param="priority")
     return value
+
+
+def stop_strings(value: str | list[str] | None, field: str) -> tuple[str, ...]:
+    """The request's stop strings (one string or a list), or a 400 naming `field` past MAX_STOPS
+    strings or MAX_STOP_CHARS characters in all."""
+    stops = (value,) if isinstance(value, str) else tuple(value or ())
+    if len(stops) > MAX_STOPS:
+        raise invalid(f"{field}: at most {MAX_STOPS} stop sequences are allowed, got {len(stops)}", param=field)
+    total = sum(map(len, stops))
+    if total > MAX_STOP_CHARS:
+        raise invalid(f"{field}: the stop sequences may have at most {MAX_STOP_CHARS} characters in all, "
+                      f"got {total}", param=field)
+    return stops

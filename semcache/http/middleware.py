@@ -22,8 +22,6 @@ log = logging.getLogger("semcache.http")
 access = logging.getLogger("semcache.access")
 
 REQUEST_ID = "request_id"
-# The routes that charge the rate limit themselves, once their prompt is tokenized (Service.start).
-SELF_CHARGED = frozenset({"/v1/messages", "/v1/chat/completions", "/chat/completions", "/v1/agents/{agent_id}/warm"})
 _HTTP_KINDS = {
     401: Kind.AUTHENTICATION,
     403: Kind.PERMISSION,
@@ -111,19 +109,14 @@ def is_open(request: web.Request) -> bool:
 
 @web.middleware
 async def rate_limit(request: web.Request, handler):
-    """Innermost: requests per minute for every route but /health/*; generation routes are charged
-    their tokens too, once the prompt is tokenized (Service.start), before they reach the queue."""
+    """Innermost: one request of rpm for every route but /health/*, before any work (rendering,
+    tokenizing, grammars); generation routes are charged their tokens too, once the prompt is
+    tokenized (Service.start), before they reach the queue."""
     limiter = request.app[LIMITER]
-    if limiter is None or is_open(request) or _charges_itself(request):
+    if limiter is None or is_open(request):
         return await handler(request)
     charge(limiter, rate_key(request), 0)
     return await handler(request)
-
-
-def _charges_itself(request: web.Request) -> bool:
-    """A POST to a SELF_CHARGED route, matched by the router (not by how its path ends)."""
-    resource = request.match_info.route.resource
-    return request.method == "POST" and resource is not None and resource.canonical in SELF_CHARGED
 
 
 @web.middleware

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from dataclasses import replace
 
 from aiohttp import web
 
@@ -23,8 +22,8 @@ from semcache.http.openai_request import (  # noqa: F401  (re-exported: agents.p
     parse_tools,
     response_json,
 )
-from semcache.http.body import decode_body
-from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
+from semcache.http.body import decode_body, stop_strings
+from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, failure
 from semcache.text.chat import reply_message
 from semcache.text.reasoning import Thinking
 from semcache.text.tools import (
@@ -61,7 +60,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = decode_body(await request.read(), chat_decoder)
     check(body)
     max_tokens = body.max_completion_tokens or body.max_tokens or service.config.default_max_tokens
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    stop = stop_strings(body.stop, "stop")
     sampling = SamplingParams.from_request(body.temperature, body.top_p, body.top_k, body.seed)
     who = caller(request, body.priority)
     tools, choice = parse_tools(body)
@@ -80,7 +79,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     if body.n > service.config.max_active:
         raise invalid(f"n ({body.n}) is larger than max_active ({service.config.max_active})", param="n")
-    tickets = await _start_choices(service, gen, body.n)
+    tickets = await service.start_choices(gen, body.n)
     seqs = [t.seq for t in tickets]
     try:
         head = {
@@ -151,31 +150,6 @@ def _message(events: list, scanner: CallScanner | None) -> dict:
     if scanner.calls:
         message["tool_calls"] = [_function_call(c) for c in scanner.calls]
     return message
-
-
-async def _start_choices(service, gen: Generation, n: int) -> list[Ticket]:
-    """n requests for n choices (seeded ones get seed, seed+1, ...); all queued or none."""
-    if n == 1:  # no task: a refusal comes back in the same event-loop pass
-        return [await service.start(gen)]
-    gens = [gen]
-    for i in range(1, n):
-        seed = None if gen.sampling.seed is None else gen.sampling.seed + i
-        gens.append(replace(gen, sampling=replace(gen.sampling, seed=seed)))
-    tasks = [asyncio.create_task(service.start(g)) for g in gens]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
-        if failed is not None:
-            raise failed.exception()
-    except BaseException:  # a refusal, or the client went away: stop every choice, queued or running
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for task in tasks:
-            if not task.cancelled() and task.exception() is None:
-                service.release(task.result())
-        raise
-    return [task.result() for task in tasks]
 
 
 async def _merged(streams: list):

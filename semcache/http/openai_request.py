@@ -10,7 +10,7 @@ from msgspec import Meta, Struct
 
 from semcache.text.chat import ChatMessage
 from semcache.ops.errors import invalid, unsupported
-from semcache.text.toolrequest import check_answers, check_unique, make_choice, make_tool
+from semcache.text.toolrequest import check_answers, check_depth, check_unique, make_choice, make_tool
 from semcache.text.tools import Tool, ToolCall, ToolChoice
 
 MAX_CHOICES = 16
@@ -84,7 +84,7 @@ class ChatRequest(Struct, kw_only=True):
     temperature: Union[Annotated[float, Meta(ge=0.0, le=2.0)], None] = None
     top_p: Union[Annotated[float, Meta(ge=0.0, le=1.0)], None] = None
     top_k: Union[Annotated[int, Meta(ge=-1)], None] = None
-    stop: Union[str, Annotated[list[str], Meta(max_length=4)], None] = None
+    stop: Union[str, list[str], None] = None  # capped by body.stop_strings
     stream: bool = False
     stream_options: Union[StreamOptions, None] = None
     n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] = 1
@@ -159,9 +159,10 @@ def chat_messages(body: ChatRequest) -> list[ChatMessage]:
 
 
 def _call(param: ToolCallParam, where: str) -> ToolCall:
+    text = check_depth(param.function.arguments or "{}", f"{where}.function.arguments")
     try:
-        arguments = json.loads(param.function.arguments or "{}")
-    except ValueError:
+        arguments = json.loads(text)
+    except (ValueError, RecursionError):
         arguments = None
     if not isinstance(arguments, dict):
         raise invalid(f"{where}.function.arguments must be a JSON object encoded as a string",
@@ -178,6 +179,8 @@ def check(body: ChatRequest) -> None:
     if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema is None):
         raise invalid("response_format.json_schema.schema is required for type json_schema",
                       param="response_format.json_schema")
+    if fmt is not None and fmt.json_schema is not None and fmt.json_schema.schema is not None:
+        check_depth(fmt.json_schema.schema, "response_format.json_schema.schema")
 
 
 def response_json(body: ChatRequest) -> tuple[bool, dict | None]:

@@ -13,6 +13,7 @@ class Kind(enum.Enum):
     PERMISSION = 403
     NOT_FOUND = 404
     METHOD_NOT_ALLOWED = 405
+    CONFLICT = 409  # the request lost to another (its agent was deleted while it ran)
     TOO_LARGE = 413
     RATE_LIMIT = 429
     INTERNAL = 500
@@ -58,6 +59,7 @@ ANTHROPIC_TYPES = {
     Kind.PERMISSION: "permission_error",
     Kind.NOT_FOUND: "not_found_error",
     Kind.METHOD_NOT_ALLOWED: "invalid_request_error",
+    Kind.CONFLICT: "invalid_request_error",
     Kind.TOO_LARGE: "request_too_large",
     Kind.RATE_LIMIT: "rate_limit_error",
     Kind.INTERNAL: "api_error",
@@ -71,6 +73,7 @@ OPENAI_TYPES = {
     Kind.PERMISSION: ("invalid_request_error", "permission_denied"),
     Kind.NOT_FOUND: ("invalid_request_error", "not_found"),
     Kind.METHOD_NOT_ALLOWED: ("invalid_request_error", "method_not_allowed"),
+    Kind.CONFLICT: ("invalid_request_error", "conflict"),
     Kind.TOO_LARGE: ("invalid_request_error", "request_too_large"),
     Kind.RATE_LIMIT: ("rate_limit_error", "rate_limit_exceeded"),
     Kind.INTERNAL: ("server_error", None),

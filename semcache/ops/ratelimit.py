@@ -154,8 +154,9 @@ class RateLimiter:
             del self._keys[k]
         return len(idle)
 
-    def acquire(self, key: str, tokens: int) -> Grant:
-        """Charge one request and `tokens` (prompt + max_tokens) to `key` and to the global bucket.
+    def acquire(self, key: str, tokens: int, requests: int = 1) -> Grant:
+        """Charge `requests` (one, or none when the request was charged on arrival) and `tokens`
+        (prompt + max_tokens) to `key` and to the global bucket.
 
         Raises RateLimited without consuming anything from any bucket if any bucket lacks room;
         `retry_after` is then the longest wait among them (all must have room at once).
@@ -171,8 +172,8 @@ class RateLimiter:
             self._next_sweep = max(self._sweep_at, 2 * len(self._keys))
         entry = self._keys.get(key) or _Key(_bucket(self.limits.rpm, self.clock),
                                             _bucket(tpm, self.clock))
-        checks = [(b, n, scope) for b, n, scope in ((self._global, 1, "global"),
-                  (entry.requests, 1, "requests"), (entry.tokens, tokens, "tokens")) if b is not None]
+        checks = [(b, n, scope) for b, n, scope in ((self._global, requests, "global"),
+                  (entry.requests, requests, "requests"), (entry.tokens, tokens, "tokens")) if b is not None]
         waits = [(b.wait(n), scope) for b, n, scope in checks]
         wait, scope = max(waits, default=(0.0, ""), key=lambda w: w[0])
         if wait > 0.0:

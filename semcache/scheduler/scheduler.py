@@ -18,6 +18,7 @@ from semcache.engine.types import Admission, Engine, StepResult
 from semcache.cache.index import MISS, AgentCache
 from semcache.ops.metrics import Metrics
 from semcache.scheduler.cachelink import CacheLink
+from semcache.scheduler.deletions import Deletions
 from semcache.scheduler.kvbudget import KVBudget
 from semcache.scheduler.limits import Limits, TooLarge
 from semcache.scheduler.running import Running
@@ -51,6 +52,7 @@ class Scheduler:
         self.hits = CacheLink(cache, self._wake.set)
         self._stepping = False  # an engine step is in flight (its results not yet handed out)
         self._stored: dict[int, asyncio.Future] = {}  # seq_id -> resolved with its cache entry once stored
+        self.deletions = Deletions()  # a sequence whose agent was deleted meanwhile stores nothing
         self.num_steps = 0
 
     # Public surface -------------------------------------------------------------------------
@@ -69,10 +71,6 @@ class Scheduler:
         burst at idle is accepted up to max_active + max_queue); reserved places count as waiting."""
         free = max(0, self.limits.max_active - len(self.running))
         return self.waiting.num_places >= self.limits.max_queue + free
-
-    def check_fits(self, seq: Sequence) -> None:
-        """Raise TooLarge when `seq` could never be admitted, so it fails now, not at its deadline."""
-        self.kv.check(seq)
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about one generation round per queue 'wave'."""
@@ -93,7 +91,7 @@ class Scheduler:
     def submit(self, seq: Sequence) -> None:
         """Queue `seq` or raise Overloaded at once; never blocks."""
         self._check_open()
-        self.check_fits(seq)
+        self.kv.check(seq)  # TooLarge when it could never be admitted: it fails now, not at its deadline
         seq.arrival = self.clock()
         self.waiting.put(seq)
         self.metrics.queue_depth.set(self.num_waiting)
@@ -246,7 +244,7 @@ class Scheduler:
     def _store(self, keep: dict[int, Sequence], kept: dict) -> None:
         """Give finished sequences' KV (prompt and reply) to the agent cache."""
         for seq_id, seq in keep.items():
-            data = kept.get(seq_id)
+            data = kept.get(seq_id) if not self.deletions.covers(seq.epoch, seq.tenant, seq.agent) else None
             entry = self.cache.put(seq.tenant, seq.agent, seq.prompt_ids + seq.output_ids, data,
                                    seq.background, seq.fresh_start) if data else None
             waiter = self._stored.pop(seq_id, None)

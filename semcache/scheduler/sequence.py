@@ -70,6 +70,7 @@ class Sequence:
     num_cache_waits: int = 0
     kv_tokens: int = 0  # tokens of KV reserved for it while it runs (grows as it generates)
     num_preemptions: int = 0  # times it was paused to free KV and resumed from its stored KV
+    epoch: int = 0  # Deletions.count when its request started: a later deletion of its agent wins
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     admitted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 

@@ -36,18 +36,26 @@ class Generation:
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     json_mode: bool = False  # OpenAI response_format: the answer is JSON (matching json_schema if set)
     json_schema: dict | None = None
+    epoch: int | None = None  # deletions seen when the request started (None: now); scheduler/deletions.py
 
 
-def charge(limiter: RateLimiter, key: str, tokens: int) -> Grant:
-    """Take one request and `tokens` from the key's buckets, or raise the dialect-neutral ApiError
+def charge(limiter: RateLimiter, key: str, tokens: int, requests: int = 1) -> Grant:
+    """Take `requests` and `tokens` from the key's buckets, or raise the dialect-neutral ApiError
     (429 with Retry-After; 400 for a request that could never fit the token budget)."""
     try:
-        return limiter.acquire(key, tokens)
+        return limiter.acquire(key, tokens, requests)
     except RateLimited as exc:
         if exc.never:
             raise invalid(exc.message, param="max_tokens") from None
         raise ApiError(Kind.RATE_LIMIT, f"rate limit exceeded: {exc.message}",
                        retry_after=max(1, math.ceil(exc.retry_after))) from None
+
+
+def too_long(tokens: int, context: int) -> ApiError:
+    """A prompt past the context: Anthropic's exact words (Claude Code matches the whole message to
+    tell the user the conversation no longer fits, and to offer compaction); the maximum leaves one
+    token to generate. A prompt refused by its length alone, untokenized, states its floor."""
+    return invalid(f"prompt is too long: {tokens} tokens > {context - 1} maximum", param="messages")
 
 
 def failure(finished: Finished) -> ApiError:

@@ -7,18 +7,18 @@ call `Service.start`, and render the Ticket's Sequence text and `Finished` event
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from typing import Any
 
-from semcache.text.chat import ChatMessage, PromptRenderer
+from semcache.text.chat import ChatMessage, PromptRenderer, PromptTooLong
 from semcache.ops.config import Config
 from semcache.engine.types import Engine, ModelInfo, SamplingParams
 from semcache.ops.errors import ApiError, Kind, invalid
 from semcache.cache.index import ANON, AgentCache
-from semcache.scheduler.scheduler import Overloaded, Scheduler, TooLarge
+from semcache.scheduler.scheduler import Scheduler
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence
+from semcache.service import choices
 from semcache.service.model import ModelView
-from semcache.service.request import Generation, Ticket, charge, failure, refusal
+from semcache.service.request import Generation, Ticket, charge, failure, refusal, too_long
 from semcache.service.swap import Models
 from semcache.service.turns import Turns
 from semcache.text.reasoning import ThinkSplitter, opens_thinking, reasoned
@@ -39,7 +39,7 @@ class Service:
         self.engine = engine
         self.scheduler = scheduler
         self.cache = cache
-        self.limiter = limiter  # ratelimit.RateLimiter, charged here: a limited request never queues
+        self.limiter = limiter  # ratelimit.RateLimiter: tokens charged in choices.py, before the queue
         self.models = Models(engine, scheduler, cache)
         self.turns = Turns(self)
 
@@ -91,13 +91,20 @@ class Service:
         return self.cache.agents(tenant, agent) if self.cache is not None else []
 
     async def delete_agent(self, tenant: str, agent: str) -> int:
+        self.scheduler.deletions.record(tenant, agent)  # first: what the agent has in flight stores nothing
         return await self.cache.delete(tenant, agent) if self.cache is not None else 0
 
     async def evict_agent(self, tenant: str, agent: str) -> list:
         return await self.cache.evict(tenant, agent) if self.cache is not None else []
 
     async def purge_tenant(self, tenant: str) -> int:
+        self.scheduler.deletions.record(tenant)
         return await self.cache.purge(tenant) if self.cache is not None else 0
+
+    def deleted(self, ticket: Ticket) -> bool:
+        """The request's agent (or tenant) was deleted while it ran: its KV is not stored."""
+        seq = ticket.seq
+        return self.scheduler.deletions.covers(seq.epoch, seq.tenant, seq.agent)
 
     # The request path -----------------------------------------------------------------------
 
@@ -115,12 +122,29 @@ class Service:
 
     async def tokenize(self, messages: list[ChatMessage], continue_final: bool = False,
                        generate: bool = True, tools: list[Tool] | tuple[Tool, ...] = (),
-                       view: ModelView | None = None) -> list[int]:
+                       view: ModelView | None = None, limit: int | None = None) -> list[int]:
         """Prompt ids for `messages` (rendered off the event loop: prompts can be megabytes), by
         `view`'s model (default: the current one). Without `generate`, the assistant turn is not
-        opened (a prefix of any next turn's prompt)."""
+        opened (a prefix of any next turn's prompt). With `limit` (the context), a prompt whose
+        length alone shows it cannot fit is a 400 before it is tokenized."""
         renderer = (view or self.view).renderer
-        return await self._render(renderer.render, messages, continue_final, generate, list(tools))
+        return await self._render(renderer.render, messages, continue_final, generate, list(tools), limit)
+
+    async def count_tokens(self, messages: list[ChatMessage], tools: list[Tool]) -> int:
+        """The prompt's tokens (Anthropic's count_tokens), within the limits generation has: a queue
+        place while it is tokenized, and no tokenizing of a prompt far past the context."""
+        choices.reserve(self.scheduler, 1)
+        try:
+            await self.models.settled()
+            view = self.view
+            return len(await self.tokenize(messages, continue_final=True, tools=tools, view=view,
+                                           limit=view.info.context_length))
+        finally:
+            self.scheduler.unreserve()
+
+    async def count_prefix(self, gen: Generation, view: ModelView) -> int:
+        """Prompt tokens up to the request's last cache_control mark (its `breakpoint`)."""
+        return await self._render(view.renderer.count_prefix, gen.messages, gen.breakpoint, list(gen.tools))
 
     @property
     def reasons(self) -> bool:
@@ -153,83 +177,20 @@ class Service:
             return await asyncio.to_thread(fn, *args)
         except ApiError:
             raise
+        except PromptTooLong as exc:
+            raise too_long(exc.tokens, exc.limit) from None
         except Exception as exc:  # jinja templates raise on histories they do not accept
             raise invalid(f"the chat template rejected these messages: {exc}", param="messages") from None
 
     async def start(self, gen: Generation, warm: bool = False) -> Ticket:
         """Queue the generation and wait for its slot; the caller must `release` the ticket when done.
         With `warm`, only prefill the conversation (no assistant turn opened) for the agent cache."""
-        try:
-            self.scheduler.reserve()  # a full queue refuses before any template work
-        except Overloaded as exc:
-            raise refusal(exc) from None
-        try:
-            ticket = await self._prepare(gen, warm)
-        finally:
-            self.scheduler.unreserve()
-        seq = ticket.seq
-        try:
-            self.scheduler.submit(seq)
-            await self.scheduler.wait_admitted(seq)
-        except BaseException as exc:
-            self.release(ticket)  # refused: nothing was used, the rate-limit charge comes back
-            if isinstance(exc, Overloaded):
-                raise refusal(exc) from None
-            if isinstance(exc, TooLarge):
-                raise invalid(str(exc), param="max_tokens") from None
-            raise
-        if seq.finished is not None and seq.finished.reason is FinishReason.ABORT:
-            self.release(ticket)
-            raise failure(seq.finished)  # refused while queued: still a plain HTTP error, not a stream
-        return ticket
+        return (await self.start_choices(gen, 1, warm))[0]
 
-    async def _prepare(self, gen: Generation, warm: bool) -> Ticket:
-        """Tokenize (with the model that will run it), check the context, charge the rate limit."""
-        while True:
-            await self.models.settled()
-            view = self.view
-            ticket = await self._ticket(gen, warm, view)
-            await self.models.settled()  # a swap begun meanwhile ends first
-            if self.models.current(view):
-                break  # else the model was swapped under this prompt: tokenize it for the new one
-        if warm:
-            ticket.stored = self.scheduler.when_stored(ticket.seq)
-        if self.limiter is not None and gen.rate_key is not None:
-            # The prompt and the first step of output up front; the rest as generated (at settle).
-            first = min(ticket.seq.max_output, self.scheduler.limits.kv_grow_tokens)
-            ticket.grant = charge(self.limiter, gen.rate_key, ticket.seq.num_prompt_tokens + first)
-        return ticket
-
-    async def _ticket(self, gen: Generation, warm: bool, view: ModelView) -> Ticket:
-        """The generation's sequence, every part of it from `view`'s model: ids, context, fingerprint."""
-        prompt_ids = await self.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools,
-                                         view=view)
-        context = view.info.context_length
-        if len(prompt_ids) >= context:
-            # Anthropic's exact words: Claude Code matches the whole message to tell the user the
-            # conversation no longer fits (and to offer compaction). M leaves one token to generate.
-            raise invalid(f"prompt is too long: {len(prompt_ids)} tokens > {context - 1} maximum", param="messages")
-        if warm and len(prompt_ids) < self.config.cache_min_prefix:  # it could never be hit: not stored
-            raise invalid(f"too short to cache: {len(prompt_ids)} tokens < cache_min_prefix "
-                          f"({self.config.cache_min_prefix})", param="messages")
-        seq = Sequence(
-            prompt_ids=prompt_ids,
-            max_tokens=min(gen.max_tokens, self.config.max_output_tokens or gen.max_tokens),
-            context_length=context,
-            sampling=replace(gen.sampling, constraint=None if warm else await view.constraint(gen)),
-            stop=gen.stop,
-            priority=gen.priority,
-            tenant=gen.tenant,
-            agent=gen.agent,
-            background=gen.background,
-            fresh_start=gen.fresh_start,
-            fingerprint=view.info.fingerprint,
-        )
-        ticket = Ticket(seq)
-        if gen.breakpoint:
-            ticket.cache_breakpoint = await self._render(view.renderer.count_prefix, gen.messages, gen.breakpoint,
-                                                         list(gen.tools))
-        return ticket
+    async def start_choices(self, gen: Generation, n: int, warm: bool = False) -> list[Ticket]:
+        """`n` choices of one prompt (OpenAI's n), all queued or none: rendered, tokenized, checked
+        and compiled once (choices.py). A full queue refuses before any template work."""
+        return await choices.start(self, gen, n, warm)
 
     async def swap_model(self, spec: str) -> float:
         """Load another model: new requests wait in the queue, running ones finish, then the swap;

@@ -57,7 +57,7 @@ class Turns:
         metrics.replies_retokenized.inc()
         metrics.reply_divergence.observe(max(0, n - seq.num_prompt_tokens))
         warm = replace(gen, messages=history, max_tokens=0, priority=HOUSEKEEPING_PRIORITY, rate_key=None,
-                       continue_final=False, breakpoint=None, stop=(), fresh_start=False)
+                       continue_final=False, breakpoint=None, stop=(), fresh_start=False, epoch=seq.epoch)
         task = asyncio.create_task(self._prefill(warm))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

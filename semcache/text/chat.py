@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from semcache.text.holdback import Markers
+from semcache.text.tokenfloor import Floor
 from semcache.text.tools import (
     FALLBACK,
     Call,
@@ -30,19 +31,35 @@ class ChatMessage:
     tool_call_id: str | None = None
 
 
+class PromptTooLong(ValueError):
+    """The prompt has at least `tokens` tokens, `limit` or more: it is not worth tokenizing."""
+
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"the prompt has at least {tokens} tokens (limit {limit})")
+        self.tokens, self.limit = tokens, limit
+
+
 class PromptRenderer:
     """Renders a chat with the model's own template, then tokenizes without adding specials again."""
 
     def __init__(self, tokenizer: Any, tool_format: ToolFormat = FALLBACK):
         self.tokenizer = tokenizer
         self.tool_format = tool_format
+        self._floor: Floor | None = None
 
     def render(self, messages: list[ChatMessage], continue_final: bool = False, generate: bool = True,
-               tools: list[Tool] | None = None) -> list[int]:
+               tools: list[Tool] | None = None, limit: int | None = None) -> list[int]:
         """Token ids for `messages`. Consecutive turns of one role are joined (strict templates reject
         them); with `continue_final`, a trailing assistant message is continued, not closed; without
-        `generate`, no assistant turn is opened (the warm-up prompt of /v1/agents/{id}/warm)."""
+        `generate`, no assistant turn is opened (the warm-up prompt of /v1/agents/{id}/warm). With
+        `limit`, PromptTooLong when the text's length alone shows it has `limit` tokens or more."""
         text = self.text(messages, continue_final, generate, tools)
+        if limit is not None:
+            if self._floor is None:  # built once per model, on the first prompt (a vocabulary scan)
+                self._floor = Floor(getattr(self.tokenizer, "backend_tokenizer", None))
+            floor = self._floor.tokens(text, limit)
+            if floor >= limit:
+                raise PromptTooLong(floor, limit)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def text(self, messages: list[ChatMessage], continue_final: bool = False, generate: bool = True,

@@ -25,6 +25,20 @@ from semcache.text.tools import Tool, ToolChoice, ToolFormat
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _REGEX_META = set("\\.+*?()|[]{}^$#&-~")
 
+# What one request's grammar may cost; past any of these it is a 400 (a tool list falls back to its
+# loose form first), never a stall. Measured here, Claude Code's 12 tools need about 450 symbols,
+# 5,000 initial fuel, 10,000 step fuel, 100 items and 300 lexer states; ten times as many tools, ten
+# times that. llguidance's defaults are in brackets; its speeds are its own documentation's.
+MAX_GRAMMAR_CHARS = 1 << 20  # the grammar's text, refused before llguidance parses it
+LIMITS = {
+    "max_grammar_size": 50_000,  # symbols of the compiled grammar [500,000]
+    "initial_lexer_fuel": 300_000,  # compile time: regex analysis, ~50,000 a ms [1,000,000]
+    "step_lexer_fuel": 50_000,  # mask time: ~14,000 a ms, so under ~4 ms a token [200,000]
+    "step_max_items": 20_000,  # mask time: Earley items, ~20,000 a ms [50,000]
+    "max_items_in_row": 2_000,  # branching of one parse row [2,000]
+    "max_lexer_states": 20_000,  # memory: 1-2 kB a state, so under ~40 MB a request [250,000]
+}
+
 
 class GrammarError(ValueError):
     """A grammar or schema llguidance cannot compile (the request's fault: a 400)."""
@@ -108,8 +122,18 @@ class Constraint:
 
     def __init__(self, matcher: Any, vocab: int):
         self._matcher = matcher
+        self._vocab = vocab
         words = (vocab + 31) // 32
         self._bits = np.zeros(words, dtype=np.int32)
+
+    def copy(self) -> Constraint:
+        """Another sequence's constraint from the same grammar, without compiling it again."""
+        return Constraint(self._matcher.deep_copy(), self._vocab)
+
+    def error(self) -> str:
+        """Why the grammar cannot go on ("" while it can): a limit it hit, say."""
+        error = self._matcher.get_error()
+        return error.splitlines()[0] if error else ""
 
     def allowed(self, width: int) -> np.ndarray:
         """A bool mask of `width` (the logits' width, which may exceed the tokenizer's vocabulary)."""
@@ -146,17 +170,24 @@ class Grammars:
             return self._ll
 
     def compile(self, grammar: str) -> Constraint:
+        """A constraint for `grammar`, its first mask computed here (off the engine's thread): a
+        grammar past LIMITS, at compile time or in that mask, is a GrammarError."""
         import llguidance
 
+        if len(grammar) > MAX_GRAMMAR_CHARS:
+            raise GrammarError(f"the grammar is {len(grammar):,} characters, over the limit of "
+                               f"{MAX_GRAMMAR_CHARS:,}")
         ll = self._ll_tokenizer()
         try:
-            matcher = llguidance.LLMatcher(ll, grammar)
+            matcher = llguidance.LLMatcher(ll, grammar, limits=llguidance.LLParserLimits(**LIMITS), log_level=0)
         except Exception as exc:  # a schema it cannot take (the request's), never a 500
             raise GrammarError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-        error = matcher.get_error()
-        if error:
-            raise GrammarError(error.splitlines()[0] if error else "invalid grammar")
-        return Constraint(matcher, ll.vocab_size)
+        constraint = Constraint(matcher, ll.vocab_size)
+        if not constraint.error():
+            constraint.allowed(ll.vocab_size)
+        if constraint.error():
+            raise GrammarError(constraint.error())
+        return constraint
 
     def for_tools(self, fmt: ToolFormat, tools: list[Tool], choice: ToolChoice,
                   answer_schema: dict | None = None, json_answer: bool = False) -> Constraint | None:

@@ -6,10 +6,19 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import msgspec
+import numpy as np
+
 from semcache.ops.errors import invalid
 from semcache.text.tools import Tool, ToolChoice
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# JSON nesting allowed in tool schemas, response formats and tool-call arguments: far beyond real
+# ones, and below what recurses on them (json.dumps, chat templates, llguidance's parser stops at 128).
+MAX_DEPTH = 100
+_STEPS = np.zeros(256, dtype=np.int32)
+_STEPS[list(b"[{")], _STEPS[list(b"]}")] = 1, -1
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
 
 
 def make_tool(name: Any, description: Any, schema: Any, where: str, schema_field: str) -> Tool:
@@ -24,7 +33,30 @@ def make_tool(name: Any, description: Any, schema: Any, where: str, schema_field
     if not isinstance(schema, dict) or schema.get("type", "object") != "object":
         raise invalid(f"{where}.{schema_field} must be a JSON schema object with \"type\": \"object\"",
                       param=f"{where}.{schema_field}")
-    return Tool(name, description or "", schema)
+    return Tool(name, description or "", check_depth(schema, f"{where}.{schema_field}"))
+
+
+def check_depth(value: Any, where: str) -> Any:
+    """`value` (decoded JSON, or JSON text), or a 400 naming `where` when it nests deeper than
+    MAX_DEPTH. Counted on its JSON text at C speed: a body can hold millions of containers."""
+    try:
+        text = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else msgspec.json.encode(value)
+    except RecursionError:  # too deep even to encode
+        text = b"[" * (MAX_DEPTH + 1)
+    if _too_deep(text):
+        raise invalid(f"{where} is nested more than {MAX_DEPTH} levels deep", param=where)
+    return value
+
+
+def _too_deep(text: bytes) -> bool:
+    """Whether brackets outside strings nest deeper than MAX_DEPTH in JSON `text`, with bytes and
+    numpy passes: escaped backslashes and quotes go first, so every quote left opens or closes a string."""
+    text = text.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    if len(text) <= MAX_DEPTH:  # too few brackets to nest that deep (and numpy's overhead is the cost)
+        return False
+    codes = np.frombuffer(text, dtype=np.uint8)
+    steps = np.where(np.cumsum(codes == ord('"'), dtype=np.int32) & 1, 0, _STEPS[codes])
+    return int(np.cumsum(steps, dtype=np.int32).max()) > MAX_DEPTH
 
 
 def check_unique(tools: list[Tool], where: str) -> list[Tool]:
