@@ -5,6 +5,7 @@ import json
 import logging
 
 from semcache.http.appkeys import SERVICE
+from tests.conftest import FakeEngine
 from tests.test_agents_api import ANTHROPIC, CACHE, SYSTEM, convo, msg
 
 HEADERS = ("x-semcache-cache", "x-semcache-cached-tokens", "x-semcache-agent")
@@ -74,6 +75,19 @@ class TestHeaders:
         assert hit(second)[0] == "disk" and hit(second)[1] > 60
         r = await client.post("/v1/messages", json=msg(convo("Hello")), headers=ANTHROPIC)
         assert r.headers["x-semcache-agent"] == "anonymous"
+
+    async def test_a_hit_the_engine_refuses_is_reported_as_a_miss(self, make_client, tokenizer, caplog):
+        """The engine fails on the hit and prefills from scratch: nothing was reused, so the answer
+        and its access-log line say `miss` with 0 cached tokens."""
+        engine = FakeEngine(tokenizer)
+        client = await make_client(engine, **CACHE)
+        _, reply = await anthropic_turn(client, convo("What is 2+2?"), "rj")
+        engine.reject_prefixes = True
+        with caplog.at_level(logging.INFO, logger="semcache.access"):
+            second, _ = await anthropic_turn(client, convo("What is 2+2?", reply, "And 3+3?"), "rj")
+        assert hit(second) == ("miss", 0, "rj")
+        [line] = [rec.fields for rec in caplog.records if rec.name == "semcache.access"]
+        assert line["cache"] == "miss" and line["cached_tokens"] == 0
 
     async def test_access_log_uses_the_same_words(self, make_client, caplog):
         client = await make_client(**CACHE)

@@ -92,18 +92,25 @@ def priority(request: web.Request, body_value: int | None) -> int:
 
 
 def note_admitted(request: web.Request, seqs: list) -> None:
-    """The generation is admitted: its cache hit is known, so its response headers can say it."""
-    request[ADMITTED] = seqs
+    """The generation is admitted: its cache hit is known, so its response headers can say it. The
+    tier is taken now (a sequence resumed after a preemption may reload its own KV from disk)."""
+    request[ADMITTED] = (seqs, hit_type(seqs[0]))
+
+
+def _hit(request: web.Request, seq) -> str:
+    """The hit type at admission; `miss` if the engine since refused the hit and ran it cold."""
+    admitted = request.get(ADMITTED)
+    kind = admitted[1] if admitted is not None else hit_type(seq)
+    return kind if seq.num_cached_tokens else "miss"
 
 
 def cache_headers(request: web.Request) -> dict[str, str]:
     """x-semcache-cache (memory, disk or miss), -cached-tokens and -agent of an admitted generation
     (none for other routes); set when the response is prepared, so a stream has them too."""
-    seqs = request.get(ADMITTED)
-    if not seqs:
+    if ADMITTED not in request:
         return {}
-    first = seqs[0]
-    return {"x-semcache-cache": hit_type(first), "x-semcache-cached-tokens": str(first.num_cached_tokens),
+    first = request[ADMITTED][0][0]
+    return {"x-semcache-cache": _hit(request, first), "x-semcache-cached-tokens": str(first.num_cached_tokens),
             "x-semcache-agent": first.agent or NO_AGENT}
 
 
@@ -115,7 +122,7 @@ def note_usage(request: web.Request, seqs: list) -> None:
         "prompt_tokens": first.num_prompt_tokens,
         "cached_tokens": first.num_cached_tokens,
         "output_tokens": sum(s.num_output_tokens for s in seqs),
-        "cache": hit_type(first),
+        "cache": _hit(request, first),
         "ttft_ms": round((first.first_token_at - first.arrival) * 1000, 1) if first.first_token_at else None,
     }
 
