@@ -143,6 +143,15 @@ class TestStatus:
         assert body["tiers"]["memory"]["entries"] == 2
         assert (await status(client))[0] == 401 and (await status(client, "wrong"))[0] == 401
 
+    async def test_polling_never_spends_the_rate_limit(self, make_client):
+        """The page polls every second: /v1/status is not charged to the key's requests per minute,
+        so watching never starves the key's agents."""
+        client = await make_client(api_keys=["k"], rate_limit_rpm=2, **CACHE)
+        for _ in range(4):
+            assert (await status(client, "k"))[0] == 200
+        await anthropic_turn(client, convo("Hi"), "rl", key="k")
+        await anthropic_turn(client, convo("Hello"), "rl", key="k")
+
     async def test_limit_parameter_is_checked(self, make_client):
         client = await make_client()
         r = await client.get("/v1/status?limit=abc")

@@ -117,6 +117,8 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 PROBES = frozenset({"/", "/api/hello"})
 
 
+# Read-only views a page polls every second: charging them would starve the key's own agents.
+UNCHARGED = frozenset({"/v1/status"})
 # The status page (http/status.py) holds no data: it asks for a key and sends it to /v1/status itself.
 PAGES = frozenset({"/status"})
 
@@ -132,7 +134,7 @@ async def rate_limit(request: web.Request, handler):
     """Innermost: requests per minute for every route but /health/*; generation routes are charged
     their tokens too, once the prompt is tokenized (Service.start), before they reach the queue."""
     limiter = request.app[LIMITER]
-    if limiter is None or is_open(request) or _charges_itself(request):
+    if limiter is None or is_open(request) or _charges_itself(request) or request.path in UNCHARGED:
         return await handler(request)
     charge(limiter, rate_key(request), 0)
     return await handler(request)

@@ -7,6 +7,7 @@ x-api-key header, never in a URL."""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from aiohttp import web
@@ -44,8 +45,13 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(body, headers={"Cache-Control": "no-store"})
 
 
+@cache
+def _page() -> bytes:
+    return PAGE.read_bytes()
+
+
 async def page(request: web.Request) -> web.Response:
-    return web.Response(body=PAGE.read_bytes(), content_type="text/html", charset="utf-8",
+    return web.Response(body=_page(), content_type="text/html", charset="utf-8",
                         headers={"Cache-Control": "no-cache", "Content-Security-Policy": CSP,
                                  "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
