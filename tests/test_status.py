@@ -154,8 +154,9 @@ class TestStatus:
 
     async def test_limit_parameter_is_checked(self, make_client):
         client = await make_client()
-        r = await client.get("/v1/status?limit=abc")
-        assert r.status == 400 and (await r.json())["error"]["param"] == "limit"
+        for bad in ("abc", "0", "501", "-1", "²", "١٢", "9" * 5000):
+            r = await client.get("/v1/status", params={"limit": bad})
+            assert r.status == 400 and (await r.json())["error"]["param"] == "limit", bad
         assert (await client.get("/v1/status?limit=1")).status == 200
 
 

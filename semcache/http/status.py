@@ -7,6 +7,7 @@ x-api-key header, never in a URL."""
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def routes() -> list[web.RouteDef]:
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", str(DEFAULT_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_LIMIT:
         raise invalid(f"limit must be a whole number from 1 to {MAX_LIMIT} (got {raw[:40]!r})", param="limit")
     return int(raw)
 
