@@ -105,5 +105,6 @@ async def test_phone_width_has_no_sideways_scroll(browser, make_client):
     browser.set_window_size(390, 844)
     await asyncio.to_thread(browser.get, str(client.make_url("/status")))
     await until(browser, "document.getElementById('agents').textContent.includes('narrow-agent')")
+    assert await js(browser, "window.innerWidth") <= 400  # really a phone's width
     overflow = await js(browser, "document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0
