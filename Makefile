@@ -3,9 +3,10 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 # Debian packages: the daemon's BLAS, and the tools some tests drive for real (nginx runs the shipped
-# scale-out config, promtool checks /metrics, systemd-analyze the unit, curl the README examples).
+# scale-out config, promtool checks /metrics and the Grafana queries, systemd-analyze the unit, curl the README
+# examples, headless chromium with its chromedriver the /status page).
 SERVE_DEBS = libopenblas0-pthread
-TEST_DEBS = $(SERVE_DEBS) curl nginx prometheus systemd
+TEST_DEBS = $(SERVE_DEBS) curl nginx prometheus systemd chromium chromium-driver
 # Claude Code, the agent client the end-to-end tests drive: its Linux binary ships inside an npm
 # registry package, installed outside the repository (perf/agents_cc/claude.py looks here too).
 CLAUDE_CODE_VERSION = 2.1.328

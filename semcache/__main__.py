@@ -12,7 +12,7 @@ import sys
 
 from semcache import __version__
 
-from semcache.ops import cli, logs
+from semcache.ops import cli, logs, top
 from semcache.ops.config import Config, ConfigError, load_config
 
 log = logging.getLogger("semcache")
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-unauthenticated", dest="allow_unauthenticated", action="store_const", const=True,
                        help="allow binding a non-loopback address without API keys")
     cli.add_commands(sub)
+    top.add_command(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ from semcache.http.anthropic_request import (  # noqa: F401  (re-exported: agent
     parse_tools,
 )
 from semcache.ops.errors import anthropic_body
-from semcache.http.identity import caller, note_usage
+from semcache.http.identity import caller, note_admitted, note_usage
 from semcache.http.appkeys import SERVICE
 from semcache.http.body import decode_body, stop_strings
 from semcache.service.service import FinishReason, Generation, SamplingParams, Sequence, Ticket, failure
@@ -97,6 +97,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     )
     ticket = await service.start(gen)
     seq = ticket.seq
+    note_admitted(request, [seq])
     try:
         msg_id = "msg_" + secrets.token_hex(12)
         scanner = CallScanner(service.tool_format, tools, "toolu_") if tools else None

@@ -8,12 +8,13 @@ import time
 
 from aiohttp import web
 
-from semcache.http import admin, agents, anthropic, auth, middleware, openai
+from semcache.http import admin, agents, anthropic, auth, middleware, openai, status
 from semcache.http.dialect import sends_anthropic_version
-from semcache.http.appkeys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS, SERVICE, THROTTLE, Inflight
+from semcache.http.appkeys import CONFIG, INFLIGHT, KEYRING, LIMITER, METRICS, RECENT, SERVICE, THROTTLE, Inflight
 from semcache.ops.config import Config
 from semcache.ops.metrics import Metrics
 from semcache.ops.ratelimit import RateLimiter, RateLimits
+from semcache.ops.recent import Recent
 from semcache.ops.tenants import KeyRing
 from semcache.ops.throttle import AuthThrottle
 from semcache.service import lifecycle
@@ -41,6 +42,7 @@ def make_app(config: Config, engine=None, clock=time.monotonic) -> web.Applicati
     rates = RateLimits(config.rate_limit_rpm, config.rate_limit_tpm, config.rate_limit_global_rpm)
     app[LIMITER] = RateLimiter(rates, clock) if any((rates.rpm, rates.tpm, rates.global_rpm)) else None
     app[METRICS] = metrics = Metrics()
+    app[RECENT] = Recent()
     app[SERVICE] = lifecycle.build(config, metrics, app[LIMITER], engine)
     app.on_response_prepare.append(middleware.add_request_id)
     app.cleanup_ctx.append(_engine_lifecycle)
@@ -60,6 +62,7 @@ def make_app(config: Config, engine=None, clock=time.monotonic) -> web.Applicati
         web.get("/metrics", metrics_endpoint),
         *agents.routes(),
         *admin.routes(),
+        *status.routes(),
     ])
     return app
 

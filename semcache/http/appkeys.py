@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from semcache.ops.config import Config
     from semcache.ops.metrics import Metrics
     from semcache.ops.ratelimit import RateLimiter
+    from semcache.ops.recent import Recent
     from semcache.ops.tenants import KeyRing
     from semcache.ops.throttle import AuthThrottle
     from semcache.service.service import Service
@@ -20,6 +21,7 @@ METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
 KEYRING: web.AppKey["KeyRing"] = web.AppKey("keyring")
 LIMITER: web.AppKey["RateLimiter | None"] = web.AppKey("limiter")
 THROTTLE: web.AppKey["AuthThrottle"] = web.AppKey("auth_throttle")
+RECENT: web.AppKey["Recent"] = web.AppKey("recent")  # the last generations, for GET /v1/status
 
 
 class Inflight:

@@ -10,12 +10,14 @@ from aiohttp import web
 from semcache.ops.errors import ApiError, Kind, invalid
 from semcache.http.appkeys import CONFIG
 from semcache.http.body import parse_priority
-from semcache.service.service import ANON
+from semcache.service.service import ANON, hit_type
 
 TENANT = "tenant"  # request key, set by the auth middleware: the tenant's id (tenants.tenant_id)
 KEY = "key_id"  # request key: which API key was used (tenants.key_id), for rate limits and logs
 ADMIN = "admin"  # request key: True when the admin key was given
 USAGE = "usage"  # request key: token counts and TTFT for the access log
+ADMITTED = "admitted"  # request key: the generation's sequences, once admitted (for the cache headers)
+NO_AGENT = "anonymous"  # x-semcache-agent (and /v1/status) for a request that named no agent
 ANONYMOUS = "anonymous"  # the rate-limit key of callers without an API key
 DEFAULT_TENANT = "default"  # every caller, when no api_keys are configured
 DEFAULT_PRIORITY = 5  # lower values are more urgent; below this needs the admin key (with auth on)
@@ -89,14 +91,38 @@ def priority(request: web.Request, body_value: int | None) -> int:
     return value
 
 
+def note_admitted(request: web.Request, seqs: list) -> None:
+    """The generation is admitted: its cache hit is known, so its response headers can say it. The
+    tier is taken now (a sequence resumed after a preemption may reload its own KV from disk)."""
+    request[ADMITTED] = (seqs, hit_type(seqs[0]))
+
+
+def _hit(request: web.Request, seq) -> str:
+    """The hit type at admission; `miss` if the engine since refused the hit and ran it cold."""
+    admitted = request.get(ADMITTED)
+    kind = admitted[1] if admitted is not None else hit_type(seq)
+    return kind if seq.num_cached_tokens else "miss"
+
+
+def cache_headers(request: web.Request) -> dict[str, str]:
+    """x-semcache-cache (memory, disk or miss), -cached-tokens and -agent of an admitted generation
+    (none for other routes); set when the response is prepared, so a stream has them too."""
+    if ADMITTED not in request:
+        return {}
+    first = request[ADMITTED][0][0]
+    return {"x-semcache-cache": _hit(request, first), "x-semcache-cached-tokens": str(first.num_cached_tokens),
+            "x-semcache-agent": first.agent or NO_AGENT}
+
+
 def note_usage(request: web.Request, seqs: list) -> None:
     """Token counts, cache reuse and TTFT of a finished generation, for the access log line."""
     first = seqs[0]
     request[USAGE] = {
+        "agent": first.agent,
         "prompt_tokens": first.num_prompt_tokens,
         "cached_tokens": first.num_cached_tokens,
         "output_tokens": sum(s.num_output_tokens for s in seqs),
-        "cache": "hit" if first.num_cached_tokens else "miss",
+        "cache": _hit(request, first),
         "ttft_ms": round((first.first_token_at - first.arrival) * 1000, 1) if first.first_token_at else None,
     }
 

@@ -13,9 +13,10 @@ from aiohttp import web
 
 from semcache.ops.errors import ApiError, Kind, anthropic_body, invalid, openai_body, status_for
 from semcache.http.dialect import is_anthropic
-from semcache.http.identity import USAGE, rate_key
-from semcache.http.appkeys import CONFIG, INFLIGHT, LIMITER, METRICS
+from semcache.http.identity import DEFAULT_TENANT, NO_AGENT, TENANT, USAGE, cache_headers, rate_key
+from semcache.http.appkeys import CONFIG, INFLIGHT, LIMITER, METRICS, RECENT
 from semcache.ops.ratelimit import anthropic_headers, openai_headers
+from semcache.ops.recent import Record
 from semcache.service.service import charge
 
 log = logging.getLogger("semcache.http")
@@ -82,12 +83,23 @@ async def request_context(request: web.Request, handler):
             # the route template, not the path: a path may hold a tenant name that is a key
             access.info("%s %s %s %.1fms %s", request.method, route, status, seconds * 1000,
                         request[REQUEST_ID], extra={"fields": fields})
+            if USAGE in request:
+                _remember(request, fields)
+
+
+def _remember(request: web.Request, fields: dict) -> None:
+    """A generation's access-log fields, kept for GET /v1/status under the caller's tenant."""
+    usage = {**fields, "agent": fields["agent"] or NO_AGENT}
+    for name in ("request_id", "method"):
+        del usage[name]
+    request.app[RECENT].add(Record(time=time.time(), tenant=request.get(TENANT, DEFAULT_TENANT), **usage))
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare hook: both SDKs read the id from their own header name; rate-limit
     headers (both dialects' names) go on every response of a limited key."""
     request_id = request.get(REQUEST_ID)
+    response.headers.update(cache_headers(request))
     if request_id:
         response.headers["request-id"] = request_id
         response.headers["x-request-id"] = request_id
@@ -103,7 +115,15 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 PROBES = frozenset({"/", "/api/hello"})
 
 
+# Read-only views a page polls every second: charging them would starve the key's own agents.
+UNCHARGED = frozenset({"/v1/status"})
+# The status page (http/status.py) holds no data: it asks for a key and sends it to /v1/status itself.
+PAGES = frozenset({"/status"})
+
+
 def is_open(request: web.Request) -> bool:
+    if request.method in ("GET", "HEAD") and request.path in PAGES:
+        return True
     return request.path.startswith("/health/") or (request.method == "HEAD" and request.path in PROBES)
 
 
@@ -113,7 +133,7 @@ async def rate_limit(request: web.Request, handler):
     tokenizing, grammars); generation routes are charged their tokens too, once the prompt is
     tokenized (Service.start), before they reach the queue."""
     limiter = request.app[LIMITER]
-    if limiter is None or is_open(request):
+    if limiter is None or is_open(request) or request.path in UNCHARGED:
         return await handler(request)
     charge(limiter, rate_key(request), 0)
     return await handler(request)

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from semcache.http import sse
 from semcache.ops.errors import invalid, openai_body
-from semcache.http.identity import caller, note_usage
+from semcache.http.identity import caller, note_admitted, note_usage
 from semcache.http.appkeys import SERVICE
 from semcache.http.openai_request import (  # noqa: F401  (re-exported: agents.py, tests)
     MAX_CHOICES,
@@ -81,6 +81,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise invalid(f"n ({body.n}) is larger than max_active ({service.config.max_active})", param="n")
     tickets = await service.start_choices(gen, body.n)
     seqs = [t.seq for t in tickets]
+    note_admitted(request, seqs)
     try:
         head = {
             "id": "chatcmpl-" + secrets.token_hex(12),

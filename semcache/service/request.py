@@ -68,6 +68,14 @@ def failure(finished: Finished) -> ApiError:
     return ApiError(Kind.INTERNAL, finished.error or "generation failed")
 
 
+def hit_type(seq: Sequence) -> str:
+    """Where the reused prompt prefix came from: `memory` or `disk` (the entry's tier when the
+    request was admitted), or `miss` when nothing was reused."""
+    if not seq.num_cached_tokens:
+        return "miss"
+    return "disk" if seq.cache_from_disk else "memory"
+
+
 def refusal(exc: Overloaded) -> ApiError:
     """A capacity refusal: 529/503 overloaded, or 503 unavailable while the daemon shuts down."""
     kind = Kind.UNAVAILABLE if exc.unavailable else Kind.OVERLOADED

@@ -7,6 +7,7 @@ call `Service.start`, and render the Ticket's Sequence text and `Finished` event
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from semcache.text.chat import ChatMessage, PromptRenderer, PromptTooLong
@@ -18,7 +19,8 @@ from semcache.scheduler.scheduler import Scheduler
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence
 from semcache.service import choices
 from semcache.service.model import ModelView
-from semcache.service.request import Generation, Ticket, charge, failure, refusal, too_long
+from semcache.service.request import Generation, Ticket, charge, failure, hit_type, refusal, too_long
+from semcache.service.status import snapshot
 from semcache.service.swap import Models
 from semcache.service.turns import Turns
 from semcache.text.reasoning import ThinkSplitter, opens_thinking, reasoned
@@ -26,7 +28,7 @@ from semcache.text.tools import Tool, ToolFormat
 
 # What the HTTP layer may know of the layers below, handed on here: the service is its only seam.
 __all__ = ["ANON", "FinishReason", "Finished", "Generation", "ModelInfo", "SamplingParams", "Sequence", "Service",
-           "Ticket", "charge", "failure", "refusal"]
+           "Ticket", "charge", "failure", "hit_type", "refusal"]
 
 
 
@@ -42,6 +44,7 @@ class Service:
         self.limiter = limiter  # ratelimit.RateLimiter: tokens charged in choices.py, before the queue
         self.models = Models(engine, scheduler, cache)
         self.turns = Turns(self)
+        self.started = time.monotonic()
 
     # What the HTTP layer reads and asks for -------------------------------------------------
 
@@ -89,6 +92,10 @@ class Service:
     def agents(self, tenant: str, agent: str | None = None) -> list:
         """The tenant's cache entries (one agent's, with `agent`), newest use first."""
         return self.cache.agents(tenant, agent) if self.cache is not None else []
+
+    def status(self, tenant: str | None) -> dict:
+        """The model, queue, cache tiers and agents as `tenant` may see them (None: all tenants)."""
+        return {**snapshot(self, tenant), "uptime_seconds": round(time.monotonic() - self.started, 1)}
 
     async def delete_agent(self, tenant: str, agent: str) -> int:
         self.scheduler.deletions.record(tenant, agent)  # first: what the agent has in flight stores nothing
