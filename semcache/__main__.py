@@ -114,12 +114,13 @@ async def serve(config: Config) -> int:
 
 async def shut_down(app, runner, site, drain_timeout: float | None) -> None:
     """Drain for up to `drain_timeout` seconds (None: no drain), end what still runs, write the
-    caches: all within lifecycle.stop_seconds(drain_timeout)."""
-    from semcache.http.appkeys import SERVICE
+    caches: all within lifecycle.stop_seconds(drain_timeout, cache_close_timeout)."""
+    from semcache.http.appkeys import CONFIG, SERVICE
     from semcache.service import lifecycle
 
     if drain_timeout is not None:
-        log.info("stopping within %.0f s", lifecycle.stop_seconds(drain_timeout))
+        close = app[CONFIG].cache_close_timeout
+        log.info("stopping within %.0f s", lifecycle.stop_seconds(drain_timeout, close))
         await drain(app, site, drain_timeout)
     log.info("shutting down")
     app[SERVICE].start_draining()

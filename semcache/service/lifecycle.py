@@ -25,19 +25,21 @@ from semcache.service.swap import settle_heap
 log = logging.getLogger("semcache")
 EXPIRE_EVERY = 600.0  # seconds between sweeps for cache entries past their TTL
 
-# The stop budget. A SIGTERM is done within stop_seconds(drain_timeout): the drain, then at most the
-# graces below, then the cache's write-out. The service files' stop timeouts (systemd TimeoutStopSec,
-# launchd ExitTimeOut) are that for the default drain_timeout; tests/test_service_files.py holds
-# them to it. aiohttp alone would wait 60 s for a slow handler, past them.
+# The stop budget. A SIGTERM is done within stop_seconds(drain_timeout, cache_close_timeout): the
+# drain, then at most the graces below, then the cache's write-out (bounded by cache_close_timeout).
+# The service files' stop timeouts (systemd TimeoutStopSec, launchd ExitTimeOut) allow STOP_MARGIN
+# more than that for the defaults; tests/test_service_files.py holds them to it. aiohttp alone would
+# wait 60 s for a slow handler, past them.
 STEP_GRACE = 5.0  # after the drain timeout: for the engine step in progress to end
 HANDLER_GRACE = 2.0  # then for handlers to write their last bytes
 CLOSE_GRACE = 1.0  # aiohttp's shutdown_timeout: a handler still running gets it twice (to end, once cancelled)
-CACHE_WRITE = 6.0  # writing the cache's memory-only entries (most are on disk already: write-through)
+STOP_MARGIN = 10.0  # what the service files allow beyond the longest stop
 
 
-def stop_seconds(drain_timeout: float) -> float:
-    """The longest a stop takes: what a service manager must allow before it sends SIGKILL."""
-    return drain_timeout + STEP_GRACE + HANDLER_GRACE + 2 * CLOSE_GRACE + CACHE_WRITE
+def stop_seconds(drain_timeout: float, cache_close_timeout: float = 10.0) -> float:
+    """The longest a stop takes: the drain, the graces, and the cache's write-out (which gives up
+    after `cache_close_timeout`). A service manager must allow more before it sends SIGKILL."""
+    return drain_timeout + STEP_GRACE + HANDLER_GRACE + 2 * CLOSE_GRACE + cache_close_timeout
 
 
 def build(config: Config, metrics: Metrics, limiter: RateLimiter | None, engine: Engine | None = None) -> Service:
@@ -142,7 +144,8 @@ async def close(service: Service) -> None:
             start = time.perf_counter()
             await service.cache.close()  # memory entries not yet on disk are written now
             seconds = time.perf_counter() - start
-            (log.warning if seconds > CACHE_WRITE else log.info)("agent cache written in %.1f s", seconds)
+            slow = seconds > service.config.cache_close_timeout / 2  # half its bound: a disk to look at
+            (log.warning if slow else log.info)("agent cache written in %.1f s", seconds)
     finally:
         await service.engine.close()
 
