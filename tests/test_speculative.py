@@ -138,3 +138,35 @@ def test_a_seed_reproduces_a_speculative_sample(model):
         batcher = Batcher(model, prefill_chunk=64, max_draft=4)
         runs.append(generate(batcher, [Admission(1, prompt, SamplingParams(temperature=0.7, seed=11))], 20)[0])
     assert runs[0] == runs[1]
+
+
+class OddTokensOnly:
+    """A stand-in grammar: allows odd token ids only, and records what it advanced by."""
+
+    def __init__(self):
+        self.advanced = []
+
+    def allowed(self, width):
+        import numpy as np
+
+        return np.arange(width) % 2 == 1
+
+    def advance(self, token):
+        self.advanced.append(token)
+
+
+def test_a_constrained_row_does_not_draft_and_its_grammar_sees_every_token_once(model):
+    """Constrained rows never speculate (their grammar state advances per sampled token and would
+    have to be rolled back on a rejection); the rows beside them still do."""
+    from dataclasses import replace
+
+    constraint = OddTokensOnly()
+    prompts = repetitive_prompts(3, 512)
+    batcher = Batcher(model, prefill_chunk=64, max_draft=4)
+    batcher.verify_budget = 64
+    admit = [Admission(0, prompts[0], replace(GREEDY, constraint=constraint), max_new=20),
+             Admission(1, prompts[1], GREEDY, max_new=20), Admission(2, prompts[2], GREEDY, max_new=20)]
+    out, stats = generate(batcher, admit, 20)
+    assert all(t % 2 == 1 for t in out[0]) and constraint.advanced == out[0]
+    assert not any(0 in step for step in stats)
+    assert any(1 in step or 2 in step for step in stats)
