@@ -122,13 +122,22 @@ def test_sampled_speculation_keeps_plain_samplings_distribution():
     prompt = [a for a in range(vocab) for b in range(vocab) for a in (a, b)]  # every bigram: drafts always match
     exact = exact_joint(model, prompt, vocab)
 
-    def tv(counts):
-        return 0.5 * sum(abs(counts.get(k, 0) / n - p) for k, p in exact.items())
+    def tv(counts, at=None):
+        """Total variation of the whole 3-token sequence, or of the token at position `at` alone
+        (fewer outcomes: a small bias, e.g. a rejection resampling the draft token, shows)."""
+        key = (lambda k: k) if at is None else (lambda k: k[at])
+        want, got = collections.Counter(), collections.Counter()
+        for k, p in exact.items():
+            want[key(k)] += p
+        for k, c in counts.items():
+            got[key(k)] += c / n
+        return 0.5 * sum(abs(got[k] - p) for k, p in want.items())
 
     plain, _ = sampled(model, prompt, 0, range(0, n))
     spec, accepted = sampled(model, prompt, 3, range(n, 2 * n))
     assert sum(spec.values()) == n and accepted > n // 20  # drafts were made, and some kept
-    assert tv(spec) < max(1.5 * tv(plain), tv(plain) + 0.03), (tv(spec), tv(plain))
+    for at, slack in ((None, 0.03), (1, 0.015), (2, 0.015)):
+        assert tv(spec, at) < max(1.5 * tv(plain, at), tv(plain, at) + slack), (at, tv(spec, at), tv(plain, at))
 
 
 def test_a_seed_reproduces_a_speculative_sample(model):
