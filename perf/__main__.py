@@ -3,6 +3,7 @@ python -m perf agents --out report.json [--agents 12] [--budget 256MiB] [--runs 
 python -m perf quant --out report.json [--prompts 10]
 python -m perf swap --out report.json [--runs 3]
 python -m perf cache-index --out report.json [--entries 50000]
+python -m perf spec --out report.json [--runs 5] [--max-tokens 128] [--concurrent 8]
 python -m perf baseline|stress|faults|tools|agents-cc --help   (each module adds its own options)"""
 
 import argparse
@@ -22,6 +23,7 @@ BENCHMARKS = {
     "faults": "fault injection: SIGKILL during cache writes, restart, check what survived",
     "tools": "constrained decoding cost: grammar compile and mask time, decode tok/s with vs without",
     "agents-cc": "Claude Code sessions on the embedded model: every request's status, per-turn cache reuse",
+    "spec": "prompt-lookup speculative decoding off vs on: copy-heavy and free turns, alone and 8 at once",
     "cache-index": "agent cache bookkeeping: put, lookup, evict with 50,000 synthetic entries (no model)",
 }
 

@@ -24,21 +24,13 @@ from semcache.cache.kvdata import KVData
 from semcache.cache.layout import KVLayout
 from semcache.engine.forward import Forward
 from semcache.engine.sampling import sample_batch
-from semcache.engine.types import Admission, SamplingParams, StepResult
+from semcache.engine.types import Admission, StepResult
+from semcache.engine.verify import VERIFY_BUDGET, Row, decode
 
 log = logging.getLogger("semcache.engine")
 # Below this many common tokens, a group is cheaper to prefill with plain left padding.
 MIN_SHARED_PREFIX = 16
 IDLE_GROUP_FACTOR = 4
-
-
-@dataclass(eq=False)
-class Row:
-    """A sequence's sampling state (its PRNG key advances once per sampled token)."""
-
-    seq_id: int
-    sampling: SamplingParams
-    key: Any = None
 
 
 @dataclass(eq=False)
@@ -73,8 +65,10 @@ def _group_cost(size: int, longest: int, shared: int) -> int:
 class Batcher:
     """All MLX state for continuous batching. Not thread-safe: call only from the MLX thread."""
 
-    def __init__(self, model: Any, prefill_chunk: int, layout: KVLayout | None = None):
+    def __init__(self, model: Any, prefill_chunk: int, layout: KVLayout | None = None, max_draft: int = 0):
         self.model = model
+        self.max_draft = max_draft  # prompt-lookup speculation: the longest draft (0: off)
+        self.verify_budget = VERIFY_BUDGET
         self.prefill_chunk = prefill_chunk
         self.layout = layout  # the model's KV, which a hit's must match (None: not checked)
         self.prefills: list[_Prefill] = []
@@ -89,13 +83,15 @@ class Batcher:
         self.rejected = set()
         kept = self._release(set(release), set(keep)) if release else {}
         self.prefills.extend(self._admitted(a) for a in admit)
-        out = self._decode() if self.decoding.rows else {}
+        verified = self._decode() if self.decoding.rows else None
+        out = {seq_id: kept[0] for seq_id, kept in verified.items()} if verified else {}
         if self.prefills:
             out.update(self._prefill())
-        return StepResult(out, kept, frozenset(self.rejected))
+        more = {seq_id: kept[1:] for seq_id, kept in verified.items() if len(kept) > 1} if verified else {}
+        return StepResult(out, kept, frozenset(self.rejected), more, verified.stats if verified else {})
 
     def _admitted(self, a: Admission) -> _Prefill:
-        p = _Prefill(a, Row(a.seq_id, a.sampling))
+        p = _Prefill(a, Row(a.seq_id, a.sampling, left=a.max_new))
         prefix = a.prefix
         if prefix is not None and prefix.num_tokens:
             try:
@@ -152,16 +148,14 @@ class Batcher:
         d.inputs = d.inputs[index]
         return kept
 
-    def _decode(self) -> dict[int, int]:
-        """One new token per row, all rows in one forward pass.
+    def _decode(self) -> dict[int, list[int]]:
+        """Every decoding row's next token(s), all rows in one forward pass (verify.py).
 
         No one-step-ahead pipelining: measured on the CPU backend, mx.async_eval blocks until the
         step is computed, so running ahead only delayed every token by a step."""
         d = self.decoding
-        logits = self._forward(d.inputs[:, None], d.cache, last_logits=True)
-        d.inputs = self._sample(logits, d.rows)
-        mx.eval(d.inputs)
-        return dict(zip((row.seq_id for row in d.rows), d.inputs.tolist()))
+        out, d.inputs = decode(self._forward, d.cache, d.inputs, d.rows, self._sample, self.verify_budget)
+        return out
 
     # Prefill ----------------------------------------------------------------------------------
 
@@ -293,7 +287,9 @@ class Batcher:
         mx.eval([c.state for c in d.cache], d.inputs)
         joined = set(map(id, group))
         self.prefills = [p for p in self.prefills if id(p) not in joined]
-        return dict(zip((r.seq_id for r in rows), tokens.tolist()))
+        for p, first in zip(group, firsts := tokens.tolist()):
+            p.row.start(p.admission.prompt_ids, first, self.max_draft)
+        return dict(zip((r.seq_id for r in rows), firsts))
 
     def _sample(self, logits: Any, rows: list[Row]) -> Any:
         return sample_batch(logits, rows)  # a method: the tests' seam for the logits

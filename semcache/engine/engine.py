@@ -38,9 +38,10 @@ class Prepared:
 class MLXEngine:
     """Continuous batching on mlx-lm models: loading and every Batcher step (batch.py) on one thread."""
 
-    def __init__(self, model_spec: str | None = None, prefill_chunk: int = 256, loader=None):
+    def __init__(self, model_spec: str | None = None, prefill_chunk: int = 256, loader=None, max_draft: int = 0):
         self.model_spec = model_spec
         self.prefill_chunk = prefill_chunk
+        self.max_draft = max_draft  # prompt-lookup speculation's longest draft (0: off)
         self._loader = loader
         self.info: ModelInfo | None = None
         self.tokenizer: Any = None
@@ -67,7 +68,7 @@ class MLXEngine:
         from semcache.engine.models import load_model
 
         loaded = (self._loader or load_model)(model_spec)
-        return Prepared(model_spec, loaded, Batcher(loaded.model, self.prefill_chunk, loaded.info.kv_layout))
+        return Prepared(model_spec, loaded, self._batcher(loaded.model, loaded.info))
 
     def install(self, prepared: Prepared) -> None:
         """Put a prepared model in place, all at once on the event loop (nothing may be running)."""
@@ -84,8 +85,11 @@ class MLXEngine:
         except Exception:
             # A failed step may leave the batch half-updated: start clean (the scheduler fails
             # every running sequence) rather than decode from a cache nobody can trust.
-            self.batcher = Batcher(self.model, self.prefill_chunk, self.info.kv_layout)
+            self.batcher = self._batcher(self.model, self.info)
             raise
+
+    def _batcher(self, model: Any, info: ModelInfo) -> Batcher:
+        return Batcher(model, self.prefill_chunk, info.kv_layout, self.max_draft)
 
     async def close(self) -> None:
         await self._run(self._clear)

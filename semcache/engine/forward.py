@@ -30,7 +30,16 @@ class Forward:
         hidden = self.model.model(tokens, cache=cache)
         if not last_logits:
             return None
-        last = hidden[rows, at] if tokens.shape[1] > 1 else hidden[:, 0, :]
+        return self.head(hidden[rows, at] if tokens.shape[1] > 1 else hidden[:, 0, :])
+
+    def every(self, tokens: Any, cache: list[Any]) -> Any:
+        """Run the model on tokens [B, L]; logits [B, L, V] at every position (speculative verification)."""
+        if not self._split:
+            return self.model(tokens, cache=cache)
+        return self.head(self.model.model(tokens, cache=cache))
+
+    def head(self, last: Any) -> Any:
+        """The vocabulary projection of hidden states [..., H]."""
         if self._head_t is not None:
             return last @ self._head_t
         head = getattr(self.model, "lm_head", None)

@@ -12,26 +12,50 @@ import numpy as np
 def sample_row(logits: mx.array, row: Any) -> mx.array:
     """Sample one token from logits [1, V] with row.sampling; advances row.key."""
     params = row.sampling
-    if row.key is None:
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        row.key = mx.random.key(seed % (1 << 63))
-    row.key, sub = mx.random.split(row.key)
-    logits = logits.astype(mx.float32) / max(params.temperature, 1e-5)
-    vocab = logits.shape[-1]
-    if 0 < params.top_k < vocab:
-        kth = mx.sort(logits, axis=-1)[:, -params.top_k][:, None]
-        logits = mx.where(logits < kth, -mx.inf, logits)
+    sub = next_key(row)
+    logits = _top_k(logits.astype(mx.float32) / max(params.temperature, 1e-5), params.top_k)
     if params.top_p < 1.0:
-        order = mx.argsort(-logits, axis=-1)
-        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
-        probs = mx.softmax(sorted_logits, axis=-1)
-        before = mx.cumsum(probs, axis=-1) - probs
-        # The most likely token always stays, so top_p=0 means greedy rather than an empty set.
-        outside = (before >= params.top_p) & (mx.arange(vocab) > 0)
-        sorted_logits = mx.where(outside, -mx.inf, sorted_logits)
+        order, sorted_logits = _top_p_sorted(logits, params.top_p)
         token = mx.random.categorical(sorted_logits, key=sub)
         return mx.take_along_axis(order, token[:, None], axis=-1)[:, 0]
     return mx.random.categorical(logits, key=sub)
+
+
+def next_key(row: Any) -> mx.array:
+    """A fresh subkey from the row's PRNG key (seeded from its `seed`, else at random), which advances."""
+    if row.key is None:
+        seed = row.sampling.seed if row.sampling.seed is not None else secrets.randbits(63)
+        row.key = mx.random.key(seed % (1 << 63))
+    row.key, sub = mx.random.split(row.key)
+    return sub
+
+
+def distribution(logits: mx.array, params: Any) -> mx.array:
+    """The probabilities [N, V] sample_row draws from for each of N logit rows (temperature,
+    top-k and top-p applied), in vocabulary order: what speculative verification accepts against."""
+    logits = _top_k(logits.astype(mx.float32) / max(params.temperature, 1e-5), params.top_k)
+    if params.top_p < 1.0:
+        order, sorted_logits = _top_p_sorted(logits, params.top_p)
+        logits = mx.take_along_axis(sorted_logits, mx.argsort(order, axis=-1), axis=-1)
+    return mx.softmax(logits, axis=-1)
+
+
+def _top_k(logits: mx.array, top_k: int) -> mx.array:
+    if 0 < top_k < logits.shape[-1]:
+        kth = mx.sort(logits, axis=-1)[:, -top_k][:, None]
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    return logits
+
+
+def _top_p_sorted(logits: mx.array, top_p: float) -> tuple[mx.array, mx.array]:
+    """(order, logits sorted by it with the tokens outside the top-p nucleus at -inf)."""
+    order = mx.argsort(-logits, axis=-1)
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    probs = mx.softmax(sorted_logits, axis=-1)
+    before = mx.cumsum(probs, axis=-1) - probs
+    # The most likely token always stays, so top_p=0 means greedy rather than an empty set.
+    outside = (before >= top_p) & (mx.arange(logits.shape[-1]) > 0)
+    return order, mx.where(outside, -mx.inf, sorted_logits)
 
 
 def sample_batch(logits: mx.array, rows: list[Any]) -> mx.array:

@@ -50,6 +50,7 @@ class Admission:
     prompt_ids: list[int]
     sampling: SamplingParams
     prefix: KVData | None = None  # a cache hit: KV of the first prefix.num_tokens prompt ids
+    max_new: int | None = None  # tokens it may still generate (speculation drafts no further); None: unbounded
 
 
 class StepResult(NamedTuple):
@@ -57,6 +58,10 @@ class StepResult(NamedTuple):
     kept: dict[int, KVData]  # seq_id -> KV of a released sequence that asked to keep it
     # seq_ids whose cached prefix the engine could not use: they are prefilled from scratch instead
     rejected: frozenset[int] = frozenset()
+    # Speculative decoding: seq_id -> the tokens it kept after `tokens[seq_id]` this step, in order
+    more: dict[int, list[int]] = {}
+    # seq_id -> (tokens drafted, tokens of the draft accepted), for each row that drafted this step
+    verified: dict[int, tuple[int, int]] = {}
 
 
 @dataclass(frozen=True)

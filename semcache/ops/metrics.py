@@ -73,6 +73,12 @@ class Metrics:
         self.active = Gauge("semcache_active_sequences", "Sequences in the running batch", registry=r)
         self.prompt_tokens = Counter("semcache_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generated_tokens = Counter("semcache_generated_tokens", "Tokens generated", registry=r)
+        self.drafted_tokens = Counter("semcache_speculative_drafted_tokens", "Draft tokens verified", registry=r)
+        self.accepted_tokens = Counter("semcache_speculative_accepted_tokens", "Draft tokens the model kept",
+                                       registry=r)
+        self.accepted_per_step = Histogram("semcache_speculative_accepted_per_step",
+                                           "Draft tokens kept per verify step of a sequence",
+                                           buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16), registry=r)
         self.step_seconds = Histogram("semcache_step_duration_seconds", "One engine step (decode + prefill)",
                                       buckets=_TOKEN_BUCKETS, registry=r)
         self.model_load_seconds = Gauge("semcache_model_load_seconds", "Time the current model took to load",

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from semcache.text.chat import Detokenizer, StopMatcher
-from semcache.engine.types import ModelInfo
+from semcache.cache.kvdata import KVData
+from semcache.engine.types import ModelInfo, StepResult
 from semcache.ops.metrics import Metrics
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence, Status
 
@@ -86,6 +87,20 @@ class Running:
         if seq.events.qsize() > self.stream_buffer:
             self.end(seq, Finished(FinishReason.ERROR, error="the client is reading too slowly"))
 
+    def route(self, result: StepResult, info: ModelInfo) -> None:
+        """A step's tokens to their sequences: each row's first, then the ones speculation kept
+        after it, until the sequence ends (the rest of a verified run past an end is dropped)."""
+        for seq_id, token in result.tokens.items():
+            seq = self.seqs.get(seq_id)
+            for t in [token, *result.more.get(seq_id, ())]:
+                if seq is None or seq.is_done:
+                    break
+                self.on_token(seq, t, info)
+        for drafted, accepted in result.verified.values():
+            self.metrics.drafted_tokens.inc(drafted)
+            self.metrics.accepted_tokens.inc(accepted)
+            self.metrics.accepted_per_step.observe(accepted)
+
     def grow(self, seq: Sequence, kv_tokens: int, extra_bytes: int) -> None:
         seq.kv_tokens = kv_tokens
         self._kv[seq.seq_id] += extra_bytes
@@ -135,3 +150,11 @@ class Running:
 def _emit(seq: Sequence, delta: str) -> None:
     if delta:
         seq.events.put_nowait(delta)
+
+
+def kept_tokens(data: KVData | None, tokens: int) -> KVData | None:
+    """A released row's KV without what it holds past its sequence's `tokens` (a verified run that
+    went on after its end): the agent cache stores exactly the tokens that were kept."""
+    if data is None or data.num_tokens <= tokens:
+        return data
+    return KVData(tuple((k[:, :, :tokens], v[:, :, :tokens]) for k, v in data.layers), data.dtype)

@@ -21,7 +21,7 @@ from semcache.scheduler.cachelink import CacheLink
 from semcache.scheduler.deletions import Deletions
 from semcache.scheduler.kvbudget import KVBudget
 from semcache.scheduler.limits import Limits, TooLarge
-from semcache.scheduler.running import Running
+from semcache.scheduler.running import Running, kept_tokens
 from semcache.scheduler.sequence import Finished, FinishReason, Sequence, Status
 from semcache.scheduler.waiting import Item, Overloaded, Waiting
 
@@ -197,14 +197,11 @@ class Scheduler:
                     await self._wake.wait()
                 continue
             keep, running.keep = running.keep, {}
-            tokens = await self._step(admit, release, keep)
-            for seq_id, token in tokens.items():
-                seq = running.seqs.get(seq_id)
-                if seq is not None:
-                    running.on_token(seq, token, self.engine.info)
+            result = await self._step(admit, release, keep)
+            running.route(result, self.engine.info)
             self._grow()
 
-    async def _step(self, admit: list[Admission], release: list[int], keep: dict[int, Sequence]) -> dict[int, int]:
+    async def _step(self, admit: list[Admission], release: list[int], keep: dict[int, Sequence]) -> StepResult:
         """One engine step; the kept KV goes to the agent cache, and the hits the engine could not
         use to quarantine. An engine failure ends the sequences it touched, not the loop."""
         started = time.perf_counter()
@@ -218,7 +215,6 @@ class Scheduler:
         finally:
             self._stepping = False
         self.hits.reject(seq for i in result.rejected if (seq := self.running.seqs.get(i)) is not None)
-        tokens = result.tokens
         self._store(keep, result.kept)
         self.num_steps += 1
         self.metrics.step_seconds.observe(time.perf_counter() - started)
@@ -227,7 +223,7 @@ class Scheduler:
             log.debug("step %d: %.1f ms, admitted %d, released %d, running %d, waiting %d",
                       self.num_steps, (time.perf_counter() - started) * 1000, len(admit), len(release),
                       len(self.running), self.num_waiting)
-        return tokens
+        return result
 
     def _grow(self) -> None:
         """Reserve KV ahead for the running sequences; preempt the newest when the budget is spent."""
@@ -244,7 +240,8 @@ class Scheduler:
     def _store(self, keep: dict[int, Sequence], kept: dict) -> None:
         """Give finished sequences' KV (prompt and reply) to the agent cache."""
         for seq_id, seq in keep.items():
-            data = kept.get(seq_id) if not self.deletions.covers(seq.epoch, seq.tenant, seq.agent) else None
+            deleted = self.deletions.covers(seq.epoch, seq.tenant, seq.agent)
+            data = None if deleted else kept_tokens(kept.get(seq_id), len(seq.prompt_ids) + len(seq.output_ids))
             entry = self.cache.put(seq.tenant, seq.agent, seq.prompt_ids + seq.output_ids, data,
                                    seq.background, seq.fresh_start) if data else None
             waiter = self._stored.pop(seq_id, None)
@@ -273,7 +270,8 @@ class Scheduler:
             self.waiting.take()
             tokens = self.kv.tokens_for(seq)
             self.running.add(seq, tokens, self.kv.bytes(tokens), self.engine.tokenizer)
-            admitted.append(Admission(seq.seq_id, seq.feed_ids, seq.sampling, self.hits.prefix(seq, match or MISS)))
+            admitted.append(Admission(seq.seq_id, seq.feed_ids, seq.sampling, self.hits.prefix(seq, match or MISS),
+                                      max_new=seq.max_output - seq.num_output_tokens))
         for item in passed:
             self.waiting.push(item)
         self.metrics.queue_depth.set(self.num_waiting)

@@ -48,7 +48,8 @@ def build(config: Config, metrics: Metrics, limiter: RateLimiter | None, engine:
     if engine is None:
         from semcache.engine.engine import MLXEngine
 
-        engine = MLXEngine(config.model, prefill_chunk=config.prefill_chunk)
+        max_draft = config.speculative_max_draft if config.speculative == "prompt_lookup" else 0
+        engine = MLXEngine(config.model, prefill_chunk=config.prefill_chunk, max_draft=max_draft)
     limits = Limits.from_config(config)
     cache = make_cache(config, metrics) if config.cache_enabled else None
     return Service(config, engine, Scheduler(engine, limits, cache, metrics=metrics), cache, limiter)
