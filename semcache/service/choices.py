@@ -77,22 +77,22 @@ async def _prepare(service: Service, gen: Generation, n: int, warm: bool) -> lis
     prompt is tokenized again for the new model), check the context, compile the grammar, and make
     the choices' tickets, each charged its tokens."""
     epoch = service.scheduler.deletions.count if gen.epoch is None else gen.epoch
-    while True:
+    while True:  # everything from one model view: ids, grammar, breakpoint, context, fingerprint
         await service.models.settled()
         view = service.view
         context = view.info.context_length
         prompt_ids = await service.tokenize(gen.messages, gen.continue_final, generate=not warm, tools=gen.tools,
                                             view=view, limit=context)
+        if len(prompt_ids) >= context:
+            raise too_long(len(prompt_ids), context)
+        if warm and len(prompt_ids) < service.config.cache_min_prefix:  # it could never be hit: not stored
+            raise invalid(f"too short to cache: {len(prompt_ids)} tokens < cache_min_prefix "
+                          f"({service.config.cache_min_prefix})", param="messages")
+        constraint = None if warm else await view.constraint(gen)
+        breakpoint = await service.count_prefix(gen, view) if gen.breakpoint else 0
         await service.models.settled()
         if service.models.current(view):
             break
-    if len(prompt_ids) >= context:
-        raise too_long(len(prompt_ids), context)
-    if warm and len(prompt_ids) < service.config.cache_min_prefix:  # it could never be hit: not stored
-        raise invalid(f"too short to cache: {len(prompt_ids)} tokens < cache_min_prefix "
-                      f"({service.config.cache_min_prefix})", param="messages")
-    constraint = None if warm else await view.constraint(gen)
-    breakpoint = await service.count_prefix(gen, view) if gen.breakpoint else 0
     tickets: list[Ticket] = []
     try:
         for i in range(n):
