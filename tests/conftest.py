@@ -123,6 +123,23 @@ class FakeEngine:
 FAKE_LAYOUT = KVLayout(((1, 1, 1),), "float32")  # fake_kv's: one layer, one head, head dim 1
 
 
+
+async def until(condition, timeout: float = 10.0) -> None:
+    """Poll `condition` (every 5 ms) until it holds; fail after `timeout` seconds."""
+    for _ in range(int(timeout / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition never held")
+
+
+async def settled(service) -> None:
+    """Every turn's background work done (the reply comparison, then the prefill it may start) and
+    every finished sequence's KV handed to the cache."""
+    while service.turns.tasks:
+        await asyncio.gather(*list(service.turns.tasks))
+    await service.scheduler.wait_idle()
+
 def fake_kv(token_ids: list[int]) -> KVData:
     """A one-layer KV whose values are the token ids themselves (for checking hits exactly)."""
     a = np.array(token_ids, dtype=np.float32).reshape(1, 1, len(token_ids), 1)

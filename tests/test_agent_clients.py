@@ -15,7 +15,7 @@ from perf.agents_cc.recorder import parse_answer
 from perf.common import sse_event
 from semcache.http import sse
 from semcache.http.appkeys import SERVICE
-from tests.conftest import FakeEngine
+from tests.conftest import FakeEngine, settled
 
 ANTHROPIC = {"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"}
 SYSTEM = [{"type": "text", "text": "You are a coding agent. " * 20, "cache_control": {"type": "ephemeral"}}]
@@ -221,9 +221,7 @@ class TestCanonicalReplies:
                  "messages": [{"role": "user", "content": "Capital of France?"}]}
         _, one, _ = await post(client, first, **{"X-Agent-ID": "canon"})
         reply = one["content"][0]["text"]
-        while service.turns.tasks:  # the comparison, then the prefill it may start
-            await asyncio.gather(*list(service.turns.tasks))
-        await service.scheduler.wait_idle()
+        await settled(service)
         second = {**first, "messages": [*first["messages"], {"role": "assistant", "content": reply},
                                         {"role": "user", "content": "And of Spain?"}]}
         _, two, _ = await post(client, second, **{"X-Agent-ID": "canon"})
@@ -263,9 +261,7 @@ class TestCanonicalReplies:
             return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]), chunks[-1]["usage"]
 
         reply, _ = await turn(messages)
-        while service.turns.tasks:
-            await asyncio.gather(*list(service.turns.tasks))
-        await service.scheduler.wait_idle()
+        await settled(service)
         _, usage = await turn([*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": "And of Spain?"}])
         new_turn = len(tokenizer.encode("<|im_start|>user\nAnd of Spain?<|im_end|>\n<|im_start|>assistant\n",
                                         add_special_tokens=False))

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from semcache.http.appkeys import SERVICE
-from tests.conftest import FakeEngine
+from tests.conftest import FakeEngine, settled, until
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
 SYSTEM = "You are a careful assistant for agents. " * 8  # ~70 tokens: above the test min_prefix
@@ -258,19 +258,6 @@ class TestAgentsEndpoints:
         assert (body["type"] == "error") if dialect == "anthropic" else (error["type"] == "invalid_request_error")
         assert (await client.get("/v1/agents/w3")).status == 404
 
-async def until(condition, timeout: float = 5.0) -> None:
-    """Poll `condition` (every 5 ms) until it holds; fail after `timeout` seconds."""
-    for _ in range(int(timeout / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the condition never held")
-
-
-async def settled(service) -> None:
-    """Every turn's background work done and every finished sequence's KV handed to the cache."""
-    await asyncio.gather(*service.turns.tasks)
-    await service.scheduler.wait_idle()
 
 
 class TestDeletionWins:

@@ -6,14 +6,13 @@ everything it sent."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 
 from semcache.http.appkeys import SERVICE
 from semcache.text.reasoning import ThinkSplitter, Thinking
-from tests.conftest import FakeEngine
+from tests.conftest import FakeEngine, settled
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
 SYSTEM = "You are a careful assistant. " * 12  # past cache_min_prefix
@@ -100,9 +99,7 @@ async def test_dropped_thinking_still_lets_the_next_turn_read_back_all_it_sent(c
     service = client.app[SERVICE]
     headers = {**ANTHROPIC, "X-Agent-ID": "thinker"}
     first = await (await client.post("/v1/messages", json=body("2+2?"), headers=headers)).json()
-    while service.turns.tasks:
-        await asyncio.gather(*list(service.turns.tasks))
-    await service.scheduler.wait_idle()
+    await settled(service)
     history = [{"role": "user", "content": "2+2?"},
                {"role": "assistant", "content": [first["content"][1]]}, {"role": "user", "content": "And 3+3?"}]
     second = await (await client.post("/v1/messages", json={**body(), "messages": history}, headers=headers)).json()

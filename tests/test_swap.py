@@ -15,20 +15,12 @@ from semcache.engine.engine import MLXEngine
 from semcache.engine.models import load_model
 from semcache.http.appkeys import SERVICE
 from semcache.text.chat import PromptRenderer
-from tests.conftest import FakeEngine
+from tests.conftest import FakeEngine, until
 from tests.test_models import mlx_lm_folder
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
 ADMIN = {"x-api-key": "adm"}
 MSG = {"model": "m", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Hi there"}]}
-
-
-async def until(condition, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError("condition not met")
 
 
 class GatedLoader:
