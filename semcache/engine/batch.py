@@ -18,14 +18,16 @@ from typing import Any, Callable, Collection
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from semcache.engine.batchkv import as_batch, restore, snapshot
+from semcache.engine.batchkv import restore, snapshot
+from semcache.engine.raggedkv import RaggedKV
 from semcache.cache.entry import common_prefix
 from semcache.cache.kvdata import KVData
 from semcache.cache.layout import KVLayout
 from semcache.engine.forward import Forward
 from semcache.engine.sampling import sample_batch
 from semcache.engine.types import Admission, StepResult
-from semcache.engine.verify import VERIFY_BUDGET, Row, decode
+from semcache.engine.stepcost import StepCost
+from semcache.engine.verify import Row, decode
 
 log = logging.getLogger("semcache.engine")
 # Below this many common tokens, a group is cheaper to prefill with plain left padding.
@@ -68,7 +70,7 @@ class Batcher:
     def __init__(self, model: Any, prefill_chunk: int, layout: KVLayout | None = None, max_draft: int = 0):
         self.model = model
         self.max_draft = max_draft  # prompt-lookup speculation: the longest draft (0: off)
-        self.verify_budget = VERIFY_BUDGET
+        self.step_cost = StepCost()  # what a decode step costs here, learnt (speculation's widths)
         self.prefill_chunk = prefill_chunk
         self.layout = layout  # the model's KV, which a hit's must match (None: not checked)
         self.prefills: list[_Prefill] = []
@@ -154,7 +156,7 @@ class Batcher:
         No one-step-ahead pipelining: measured on the CPU backend, mx.async_eval blocks until the
         step is computed, so running ahead only delayed every token by a step."""
         d = self.decoding
-        out, d.inputs = decode(self._forward, d.cache, d.inputs, d.rows, self._sample, self.verify_budget)
+        out, d.inputs = decode(self._forward, d.cache, d.inputs, d.rows, self._sample, self.step_cost)
         return out
 
     # Prefill ----------------------------------------------------------------------------------
@@ -277,11 +279,12 @@ class Batcher:
         d = self.decoding
         if not d.rows:
             single = len(rows) == 1 and isinstance(cache[0], BatchKVCache)
-            d.cache, d.inputs = ([c.extract(0) for c in cache] if single else cache), tokens
+            d.cache = [c.extract(0) if single else RaggedKV.adopt(c) for c in cache]
+            d.inputs = tokens
         else:
-            d.cache = [as_batch(c) for c in d.cache]
+            d.cache = [RaggedKV.adopt(c) for c in d.cache]
             for mine, theirs in zip(d.cache, cache):
-                mine.extend(as_batch(theirs))
+                mine.extend(RaggedKV.adopt(theirs))
             d.inputs = mx.concatenate([d.inputs, tokens])
         d.rows.extend(rows)
         mx.eval([c.state for c in d.cache], d.inputs)

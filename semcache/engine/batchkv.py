@@ -7,7 +7,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache, dynamic_roll
+from mlx_lm.models.cache import KVCache
 
 from semcache.cache.kvdata import KVData
 
@@ -42,36 +42,3 @@ def snapshot(cache: list[Any], row: int) -> KVData:
         layers.append((to_np(single.keys[..., :n, :]), to_np(single.values[..., :n, :])))
     dtype = str(cache[0].keys.dtype).rsplit(".", 1)[-1]
     return KVData(tuple(layers), dtype)
-
-
-def as_batch(cache: Any) -> BatchKVCache:
-    return cache if isinstance(cache, BatchKVCache) else BatchKVCache.merge([cache])
-
-
-def drop_last(cache: list[Any], counts: list[int]) -> None:
-    """Forget each row's last `counts[i]` positions (speculative tokens the model rejected).
-
-    A plain KVCache (one row) is trimmed. In a batch, what all rows drop is trimmed; each row's
-    rest is rolled to the left padding, which the attention mask hides, and padding every row has
-    is cut off, so the batch never grows by more than its longest kept run."""
-    if isinstance(cache[0], KVCache):
-        for c in cache:
-            c.trim(counts[0])
-        return
-    common = min(counts)
-    extra = mx.array([n - common for n in counts])
-    rolled = common < max(counts)
-    for c in cache:
-        c.trim(common)
-        if rolled:
-            n = c._idx
-            c.keys[..., :n, :] = dynamic_roll(c.keys[..., :n, :], extra[:, None], axis=2)
-            c.values[..., :n, :] = dynamic_roll(c.values[..., :n, :], extra[:, None], axis=2)
-            c.offset = c.offset - extra
-            c.left_padding = c.left_padding + extra
-    shared = min(cache[0].left_padding.tolist()) if rolled else 0
-    if shared > 0:
-        for c in cache:
-            c.keys, c.values = c.keys[..., shared:, :], c.values[..., shared:, :]
-            c._idx -= shared
-            c.left_padding = c.left_padding - shared

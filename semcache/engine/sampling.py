@@ -30,16 +30,6 @@ def next_key(row: Any) -> mx.array:
     return sub
 
 
-def distribution(logits: mx.array, params: Any) -> mx.array:
-    """The probabilities [N, V] sample_row draws from for each of N logit rows (temperature,
-    top-k and top-p applied), in vocabulary order: what speculative verification accepts against."""
-    logits = _top_k(logits.astype(mx.float32) / max(params.temperature, 1e-5), params.top_k)
-    if params.top_p < 1.0:
-        order, sorted_logits = _top_p_sorted(logits, params.top_p)
-        logits = mx.take_along_axis(sorted_logits, mx.argsort(order, axis=-1), axis=-1)
-    return mx.softmax(logits, axis=-1)
-
-
 def _top_k(logits: mx.array, top_k: int) -> mx.array:
     if 0 < top_k < logits.shape[-1]:
         kth = mx.sort(logits, axis=-1)[:, -top_k][:, None]

@@ -1,40 +1,42 @@
 """The decode step of the running batch, with prompt-lookup speculation (on the MLX thread only).
 
 Without drafts, a step feeds each row its latest token and samples one more. When some rows have a
-draft (draft.py), the step feeds every row its latest token and its draft, right-padded to the
-longest, in one forward pass with logits at every position, and keeps for each row the longest
+draft (draft.py), the step feeds every row its latest token and its draft, right-padded to one
+width, in one forward pass with logits at every position, and keeps for each row the longest
 verified run plus one token sampled from the model:
 
 - greedy rows keep draft tokens while each equals the argmax at its position, then the argmax;
 - sampled rows use the speculative sampling rule for a deterministic draft: draft token d at a
   position is kept with probability p(d) under the row's own distribution there (temperature,
   top-k, top-p); on rejection the token comes from p with d removed, renormalised; when the whole
-  draft is kept, one more from the next position. The output distribution is plain sampling's;
+  draft is kept, one more from the next position. It is computed by sampling each position as a
+  plain step would and keeping the draft while they agree, so a seed's tokens do not depend on
+  speculation at all;
 - rows without a draft (grammar-constrained rows never draft) sample position 0 as a plain step.
 
-The positions a row did not keep are dropped from its KV (batchkv.drop_last). A verify step
-costs more than a plain one, and more so for a wide batch (measured: docs/DESIGN.md, "CPU facts"),
-so drafts are bounded by `VERIFY_BUDGET` fed tokens a step across the batch.
+The width is chosen each step for the most step cost saved (best_width): a row with a draft of k
+tokens, accepted at a rate a per token, is expected to keep 1 + a + ... + a^k tokens; a step
+feeding T tokens costs fixed + T (stepcost.py, learnt from the steps themselves). A wide batch on a
+CPU pays for every fed token, so it drafts short or not at all; one row drafts long. The positions
+a row did not keep are dropped from its KV without a copy (raggedkv.py).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
-from semcache.engine.batchkv import drop_last
 from semcache.engine.draft import Drafter
-from semcache.engine.sampling import distribution, next_key, sample_batch
+from semcache.engine.raggedkv import trim_rows
+from semcache.engine.sampling import sample_batch, sample_row
+from semcache.engine.stepcost import StepCost
 from semcache.engine.types import SamplingParams
 
-# Fed tokens a verify step may cost across the batch (rows x (1 + longest draft)). Measured on the
-# embedded model (2 cores, perf spec): with 24, 8 concurrent copy-heavy turns ran at 0.81x of no
-# speculation, as dropping rejected positions rolls each row's whole KV (a copy per step); with 12,
-# rows draft only in batches of up to 5, where the verify step stays cheap.
-VERIFY_BUDGET = 12
-
+# A row is one the batch waits for when it has at least this share of the most steps left of any row.
+CRITICAL = 0.8
 
 @dataclass(eq=False)
 class Row:
@@ -45,6 +47,8 @@ class Row:
     key: Any = None
     left: int | None = None  # tokens it may still generate (None: no limit known here)
     drafter: Drafter | None = None
+    steps: int = 0  # decode steps it has taken, and tokens they kept
+    made: int = 0
 
     def start(self, history: list[int], first: int, max_draft: int) -> None:
         """It has sampled its first token after `history`: draft from here on (unconstrained rows)."""
@@ -52,11 +56,22 @@ class Row:
         if max_draft > 0 and self.sampling.constraint is None:
             self.drafter = Drafter(history + [first], max_draft)
 
-    def draft(self, width: int) -> list[int]:
-        room = width if self.left is None else min(width, self.left - 1)
-        return self.drafter.draft(room) if self.drafter is not None else []
+    def draft(self) -> list[int]:
+        """Its draft, at most as long as it may still generate beyond this step's token."""
+        if self.drafter is None:
+            return []
+        return self.drafter.draft(self.drafter.max_draft if self.left is None else self.left - 1)
+
+    def acceptance(self) -> float:
+        return self.drafter.acceptance() if self.drafter is not None else 0.0
+
+    def steps_left(self) -> float:
+        """Steps it is expected to take still, at the tokens per step it has kept so far."""
+        return float("inf") if self.left is None else self.left * (self.steps + 1) / (self.made + 1)
 
     def kept(self, tokens: list[int], drafted: int) -> None:
+        self.steps += 1
+        self.made += len(tokens)
         if self.left is not None:
             self.left -= len(tokens)
         if self.drafter is not None:
@@ -74,16 +89,20 @@ class Verified(dict):
 
 
 def decode(forward: Any, cache: list[Any], inputs: Any, rows: list[Row], sample=sample_batch,
-           budget: int = VERIFY_BUDGET) -> tuple[Verified, Any]:
+           cost: StepCost | None = None) -> tuple[Verified, Any]:
     """One step for every row: (tokens each kept, the new inputs [B] not yet fed)."""
     out = Verified()
-    width = budget // len(rows) - 1
-    drafts = [row.draft(width) for row in rows] if width > 0 else []
-    longest = max(map(len, drafts), default=0)
+    drafts = [row.draft() for row in rows]
+    longest = best_width(drafts, [row.acceptance() for row in rows], cost.fixed() if cost else 0.0,
+                         critical(rows)) - 1
+    drafts = [d[:longest] for d in drafts]
+    started = time.perf_counter()
     if not longest:
         logits = forward(inputs[:, None], cache, last_logits=True)
         inputs = sample(logits, rows)
         mx.eval(inputs)
+        if cost is not None:
+            cost.observe(len(rows), time.perf_counter() - started)
         for row, token in zip(rows, inputs.tolist()):
             row.kept([token], 0)
             out[row.seq_id] = [token]
@@ -94,6 +113,8 @@ def decode(forward: Any, cache: list[Any], inputs: Any, rows: list[Row], sample=
     plain = [i for i, d in enumerate(drafts) if not d]
     first = sample(logits[mx.array(plain), 0], [rows[i] for i in plain]) if plain else None
     mx.eval(greedy, first)
+    if cost is not None:
+        cost.observe(len(rows) * (longest + 1), time.perf_counter() - started)
     greedy, first = greedy.tolist(), dict(zip(plain, first.tolist() if plain else []))
     for i, (row, draft) in enumerate(zip(rows, drafts)):
         if i in first:
@@ -106,8 +127,40 @@ def decode(forward: Any, cache: list[Any], inputs: Any, rows: list[Row], sample=
         out[row.seq_id] = kept
         if draft:
             out.stats[row.seq_id] = (len(draft), len(kept) - 1)
-    drop_last(cache, [longest + 1 - len(out[row.seq_id]) for row in rows])
+    trim_rows(cache, [longest + 1 - len(out[row.seq_id]) for row in rows])
     return out, mx.array([out[row.seq_id][-1] for row in rows])
+
+
+def critical(rows: list[Row]) -> list[bool]:
+    """The rows the batch waits for: those expected to take (nearly) the most steps still."""
+    left = [row.steps_left() for row in rows]
+    return [n >= CRITICAL * max(left) for n in left]
+
+
+def best_width(drafts: list[list[int]], acceptance: list[float], fixed: float, critical: list[bool]) -> int:
+    """Tokens to feed each row this step (1: a plain step): the most tokens per unit of step cost.
+
+    A step feeding each of B rows w tokens costs fixed + B * w. A row with a k-token draft keeps
+    1 + a + ... + a^k tokens on average. A token kept early by a row the batch waits for
+    (`critical`) saves a whole token's share of a step later; one kept early by a row that will
+    finish first anyway saves the batch no step, only its own fed token, worth B / (fixed + B) of
+    a plain step's token. So with rows that cannot draft holding the batch, the step stays plain.
+    """
+    rows = len(drafts)
+    minor = rows / (fixed + rows)
+    best, best_rate = 1, rows / (fixed + rows)
+    for w in range(2, max(map(len, drafts), default=0) + 2):
+        made = sum(1 + (1 if c else minor) * (_expected(min(len(d), w - 1), a) - 1)
+                   for d, a, c in zip(drafts, acceptance, critical))
+        rate = made / (fixed + rows * w)
+        if rate > best_rate:
+            best, best_rate = w, rate
+    return best
+
+
+def _expected(k: int, a: float) -> float:
+    """Tokens a row keeps from a k-token draft accepted token by token with probability a."""
+    return sum(a ** i for i in range(k + 1))
 
 
 def _greedy_run(draft: list[int], argmax: list[int]) -> list[int]:
@@ -118,12 +171,18 @@ def _greedy_run(draft: list[int], argmax: list[int]) -> list[int]:
 
 
 def _sampled_run(draft: list[int], logits: Any, row: Row) -> list[int]:
-    """The speculative sampling rule over one row's draft; logits [len(draft) + 1, V]."""
-    probs = distribution(logits, row.sampling)
-    for n, token in enumerate(draft):
-        p = probs[n]
-        if mx.random.uniform(key=next_key(row)).item() < p[token].item():
-            continue
-        residual = mx.where(mx.arange(p.shape[0]) == token, 0.0, p)
-        return draft[:n] + [mx.random.categorical(mx.log(residual), key=next_key(row)).item()]
-    return draft + [mx.random.categorical(mx.log(probs[len(draft)]), key=next_key(row)).item()]
+    """The speculative sampling rule over one row's draft; logits [len(draft) + 1, V].
+
+    At each position the row samples exactly as a plain step would (same distribution, same next
+    key of its chain) and keeps the draft token only if the sample equals it. That accepts draft
+    token d with probability p(d), and a rejection's sample is p conditioned on not being d, i.e.
+    the residual p with d removed, renormalised: the standard rule for a deterministic draft. As
+    every kept token is the sample plain decoding would have drawn with that key, a seed gives the
+    same tokens with speculation on or off, whatever each step's width.
+    """
+    kept = []
+    for n in range(len(draft) + 1):
+        kept.append(sample_row(logits[n : n + 1], row).item())
+        if n == len(draft) or kept[-1] != draft[n]:
+            return kept
+    return kept
