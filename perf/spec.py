@@ -1,12 +1,19 @@
 """Speculative decoding benchmark: prompt-lookup speculation off vs on, on the embedded model, greedy.
 
-Two daemons (SEMCACHE_SPECULATIVE=off and =prompt_lookup, agent cache off so every turn prefills
-alike) answer the same turns (perf/spec_workloads.py: copy-heavy and free, ~600-token contexts),
-alone (decode tok/s: tokens after the first over first-to-last token time, summed over the turns)
-and 8 at once (aggregate tok/s over the wall time), alternating off and on within every round.
+Two daemons (SEMCACHE_SPECULATIVE=off and =prompt_lookup) answer the same turns
+(perf/spec_workloads.py: copy-heavy and free, ~600-token contexts), alternating off and on within
+every round:
+- alone: one turn at a time; decode tok/s (tokens after the first over first-to-last token time,
+  summed over the turns);
+- together: 8 turns at once whose context is already in the agent cache, as an agent's next turn
+  is (each distinct context was sent once, for one token, before the timed turns); aggregate tok/s
+  over the wall time, which is then nearly all decoding;
+- together_cold (--cold): the same 8 turns with nothing cached; the wall time then also holds
+  8 serialized ~600-token prefills (~2 s each here), which speculation does not touch.
 The report compares medians over the rounds, checks every greedy answer is identical, and gives
 each workload's acceptance (accepted / drafted tokens) and mean accepted tokens per verify step from
-the daemon's own metrics.
+the daemon's own metrics, and the physical ceiling (perf/spec_ceiling.py): what a step feeding each
+row w tokens costs against a plain one, for 1 and 8 rows, measured first in this process.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 
 from perf import client, servers
 from perf.common import machine_info, read_metrics, rounded
+from perf.spec_ceiling import measure
 from perf.spec_workloads import copy_heavy, free
 
 WORKLOADS = {"copy_heavy": copy_heavy, "free": free}
@@ -33,10 +41,11 @@ def configure(parser) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--cold", action="store_true", help="also 8 at once with nothing cached")
 
 
 def main(args) -> dict:
-    return run(args.out, args.runs, args.max_tokens, args.concurrent)
+    return run(args.out, args.runs, args.max_tokens, args.concurrent, args.cold)
 
 
 async def _alone(base: str, prompts: list[str], max_tokens: int) -> dict:
@@ -46,8 +55,11 @@ async def _alone(base: str, prompts: list[str], max_tokens: int) -> dict:
     return {"tok_s": tokens / sum(r["decode_seconds"] for r in results), "texts": [r["text"] for r in results]}
 
 
-async def _together(base: str, prompts: list[str], n: int, max_tokens: int) -> dict:
+async def _together(base: str, prompts: list[str], n: int, max_tokens: int, warm: bool) -> dict:
     async with client.session() as http:
+        if warm:
+            for p in prompts:
+                await client.stream_chat(http, base, client.user(p), 1)
         start = time.perf_counter()
         results = await asyncio.gather(*(client.stream_chat(http, base, client.user(prompts[i % len(prompts)]),
                                                             max_tokens) for i in range(n)))
@@ -60,13 +72,16 @@ def _drafts(base: str) -> tuple[float, float, float]:
     return m.get(_DRAFTED, 0.0), m.get(_ACCEPTED, 0.0), m.get(_STEPS, 0.0)
 
 
-def run(out: Path, runs: int = 5, max_tokens: int = 128, concurrent: int = 8) -> dict:
+def run(out: Path, runs: int = 5, max_tokens: int = 128, concurrent: int = 8, cold: bool = False) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="semcache-perf-spec-"))
     report: dict = {"benchmark": "spec", "machine": machine_info(),
-                    "params": {"runs": runs, "max_tokens": max_tokens, "concurrent": concurrent}, "rounds": []}
-    env = {"SEMCACHE_CACHE_ENABLED": "false"}
-    with servers.daemon(workdir, "off", {**env, "SEMCACHE_SPECULATIVE": "off"}) as off, \
-            servers.daemon(workdir, "on", {**env, "SEMCACHE_SPECULATIVE": "prompt_lookup"}) as on:
+                    "params": {"runs": runs, "max_tokens": max_tokens, "concurrent": concurrent, "cold": cold},
+              "rounds": []}
+    shapes = ("alone", "together", "together_cold") if cold else ("alone", "together")
+    report["ceiling"] = measure()
+    print("ceiling: " + json.dumps(rounded(report["ceiling"])), flush=True)
+    with servers.daemon(workdir, "off", {"SEMCACHE_SPECULATIVE": "off"}) as off, \
+            servers.daemon(workdir, "on", {"SEMCACHE_SPECULATIVE": "prompt_lookup"}) as on:
         daemons = {"off": off, "on": on}
         for d in daemons.values():  # warm-up
             asyncio.run(_alone(d.base, ["Say hello."], 8))
@@ -76,7 +91,8 @@ def run(out: Path, runs: int = 5, max_tokens: int = 128, concurrent: int = 8) ->
             rnd: dict = {}
             for w, make in WORKLOADS.items():
                 prompts = make(salt=r)
-                for shape in ("alone", "together"):
+                cold_prompts = make(salt=runs + r)  # never sent before: nothing of them is cached
+                for shape in shapes:
                     texts = {}
                     for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
                         base = daemons[mode].base
@@ -84,7 +100,9 @@ def run(out: Path, runs: int = 5, max_tokens: int = 128, concurrent: int = 8) ->
                         if shape == "alone":
                             res = asyncio.run(_alone(base, prompts, max_tokens))
                         else:
-                            res = asyncio.run(_together(base, prompts, concurrent, max_tokens))
+                            warm = shape == "together"
+                            res = asyncio.run(_together(base, prompts if warm else cold_prompts, concurrent,
+                                                        max_tokens, warm))
                         if mode == "on":
                             drafts[w] = [t + a - b for t, a, b in zip(drafts[w], _drafts(base), before)]
                         texts[mode] = res.pop("texts")

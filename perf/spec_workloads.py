@@ -43,7 +43,7 @@ def copy_heavy(salt: int = 0) -> list[str]:
         "Here is a Python file:\n\n" + _source_file(salt) + "\n\nRewrite this whole file, changing only "
         "the name of the function check_items to verify_items. Output the complete file.",
         "Here is a tool result:\n\n" + _tool_result(salt) + "\n\nRepeat the tool result line by line, "
-        "exactly as it is.",
+        "with every number doubled.",
         "Here is a JSON document:\n\n" + _json_doc(salt) + "\n\nOutput the same JSON document with "
         "\"version\" set to 4. Output the whole document.",
     ]
