@@ -46,9 +46,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_queue: Positive = 256
     max_queue_wait: Seconds = 120.0
     prefill_chunk: Positive = 256
-    # Prompt-lookup speculative decoding (greedy output unchanged, sampled output's distribution
-    # unchanged): drafts of up to speculative_max_draft tokens from the sequence's own prompt and output.
-    speculative: Literal["off", "prompt_lookup"] = "off"
+    # Prompt-lookup speculative decoding (greedy output unchanged, a seed's sampled output unchanged):
+    # drafts of up to speculative_max_draft tokens from the sequence's own prompt and output, verified
+    # only when the measured step cost says it pays (on by default: `python -m perf spec` never lost).
+    speculative: Literal["off", "prompt_lookup"] = "prompt_lookup"
     speculative_max_draft: Annotated[int, Meta(ge=1, le=16)] = 5
     default_max_tokens: Positive = 1024
     # An operator ceiling on the output a request may ask for (Claude Code asks for 32,000); unset:
