@@ -5,6 +5,8 @@ of the vocabulary projection. On the MLX thread only.
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any
 
 import mlx.core as mx
@@ -46,11 +48,14 @@ class Forward:
         return head(last) if head is not None else self.model.model.embed_tokens.as_linear(last)
 
     def _transposed_head(self) -> Any:
-        """The vocabulary projection's float weight, transposed once into its own contiguous copy.
+        """The vocabulary projection's float weight transposed into its own contiguous copy, if
+        that is faster here than the model's own projection; else None.
 
-        Measured on the CPU (OpenBLAS): `h @ Wt` gives bit-identical logits to `h @ W.T` in 4.8 ms
-        instead of 8.5 ms for one row (17 vs 21 ms for 16), ~5% of a single-stream decode step.
-        Costs one more copy of the matrix (113 MB for the embedded model). Quantized heads: None.
+        `h @ Wt` gives bit-identical logits to `h @ W.T`, but which is faster depends on the BLAS
+        and the CPU: on a 2-core Xeon (AVX-512) it took 4.8 instead of 8.5 ms for one row; on a
+        2-core AMD EPYC, 18 instead of 10 ms (embedded model). So both are timed once at load
+        (~0.5 s) and the copy (113 MB for the embedded model) is kept only if it wins by 5 %.
+        Quantized heads: None.
         """
         head = getattr(self.model, "lm_head", None)
         module = head if head is not None else self.model.model.embed_tokens
@@ -61,4 +66,18 @@ class Forward:
             return None
         transposed = mx.contiguous(weight.T)
         mx.eval(transposed)
-        return transposed
+        own = head if head is not None else self.model.model.embed_tokens.as_linear
+        copy = _seconds(lambda h: h @ transposed, weight)
+        return transposed if copy < 0.95 * _seconds(own, weight) else None
+
+
+def _seconds(project: Any, weight: Any, repeats: int = 9) -> float:
+    """The median time of projecting one hidden state [1, H] to the vocabulary."""
+    h = mx.random.normal((1, weight.shape[1])).astype(weight.dtype)
+    mx.eval(h)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(project(h))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
