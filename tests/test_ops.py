@@ -14,10 +14,11 @@ import pytest
 from semcache.__main__ import check_auth, check_exposure, main
 from semcache.ops import logs
 from semcache.http.app import make_app
+from semcache.http.appkeys import SERVICE
 from semcache.ops.config import Config
 from semcache.ops.logs import JsonFormatter
 from semcache.ops.tenants import KeyRing, parse_keys_file
-from tests.conftest import FakeEngine, count_tokenize, serve_in_thread
+from tests.conftest import FakeEngine, count_tokenize, serve_in_thread, until
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
 MSG = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
@@ -235,9 +236,9 @@ class TestAdmin:
         engine = FakeEngine(tokenizer, step_delay=0.02)
         client = await make_client(engine, admin_key="adm", max_active=1)
         running = asyncio.create_task(client.post("/v1/messages", json=MSG, headers=ANTHROPIC))
-        await asyncio.sleep(0.05)
+        await until(lambda: engine.admitted)  # running, not merely sent (a loaded machine is slow)
         queued = asyncio.create_task(client.post("/v1/messages", json=MSG, headers=ANTHROPIC))
-        await asyncio.sleep(0.02)
+        await until(lambda: client.app[SERVICE].scheduler.num_waiting)
         swap = await client.post("/admin/model", json={"model": "m3"}, headers={"x-api-key": "adm"})
         assert swap.status == 200 and (await running).status == 200
         r = await queued
@@ -249,7 +250,7 @@ class TestAdmin:
         engine = FakeEngine(tokenizer, step_delay=0.02)
         client = await make_client(engine, admin_key="adm")
         running = asyncio.create_task(client.post("/v1/messages", json=MSG, headers=ANTHROPIC))
-        await asyncio.sleep(0.05)
+        await until(lambda: engine.admitted)  # running, not merely sent (a loaded machine is slow)
         swap = asyncio.create_task(client.post("/admin/model", json={"model": "m2"}, headers={"x-api-key": "adm"}))
         await asyncio.sleep(0.01)
         later = asyncio.create_task(client.post("/v1/messages", json=MSG, headers=ANTHROPIC))
@@ -297,7 +298,6 @@ class TestRateLimits:
         """Each request is charged one request of rpm on arrival, count_tokens included: past the
         limit it is a 429 before its prompt is rendered, tokenized or its grammar compiled (the
         generation routes were charged only after all of that)."""
-        from semcache.http.appkeys import SERVICE
 
         client = await make_client(clock=FakeClock(), rate_limit_rpm=2)
         tokenized = count_tokenize(client.app[SERVICE])
@@ -337,7 +337,6 @@ class TestRateLimits:
 
     async def test_draining_refuses_with_503_in_both_dialects(self, make_client):
         """While draining, new requests get 503 with Retry-After, Anthropic and OpenAI alike."""
-        from semcache.http.appkeys import SERVICE
 
         client = await make_client()
         client.app[SERVICE].scheduler.draining = True
