@@ -386,3 +386,19 @@ class TestConstrainedSampling:
         for i in (0, 2):
             ref = engine._executor.submit(reference_logits, engine.model, ps[i], len(tokens[i])).result()
             assert tokens[i] == [int(np.argmax(r)) for r in ref]
+
+
+def test_a_failed_step_restarts_the_batch_but_keeps_what_was_learnt_of_the_model(engine, tokenizer):
+    """The batch is rebuilt clean after a failure; its forward pass (which timed the head at load)
+    and the measured step cost carry over instead of being measured again."""
+    before = engine.batcher
+
+    def fail(*_args):
+        raise RuntimeError("boom")
+
+    before.step = fail
+    with pytest.raises(RuntimeError):
+        asyncio.run(engine.step([Admission(99, prompts(tokenizer)[2], GREEDY, max_new=2)], []))
+    after = engine.batcher
+    assert after is not before and not after.decoding.rows and not after.prefills
+    assert after._forward is before._forward and after.step_cost is before.step_cost

@@ -67,7 +67,8 @@ def _group_cost(size: int, longest: int, shared: int) -> int:
 class Batcher:
     """All MLX state for continuous batching. Not thread-safe: call only from the MLX thread."""
 
-    def __init__(self, model: Any, prefill_chunk: int, layout: KVLayout | None = None, max_draft: int = 0):
+    def __init__(self, model: Any, prefill_chunk: int, layout: KVLayout | None = None, max_draft: int = 0,
+                 forward: Forward | None = None):
         self.model = model
         self.max_draft = max_draft  # prompt-lookup speculation: the longest draft (0: off)
         self.step_cost = StepCost()  # what a decode step costs here, learnt (speculation's widths)
@@ -77,7 +78,14 @@ class Batcher:
         self.decoding = _Decoding()
         self.rejected: set[int] = set()  # this step's rows whose cached prefix could not be used
         self._joining = False  # a group is joining the decode batch (a failure now is the batch's)
-        self._forward = Forward(model)
+        self._forward = forward or Forward(model)  # built once per model: it times the head at load
+
+    def restarted(self) -> "Batcher":
+        """A clean batch on the same model (after a failed step), keeping what was learnt about
+        the model and the machine: its forward pass and the measured step cost."""
+        fresh = Batcher(self.model, self.prefill_chunk, self.layout, self.max_draft, self._forward)
+        fresh.step_cost = self.step_cost
+        return fresh
 
     def step(self, admit: list[Admission], release: list[int], keep: Collection[int] = ()) -> StepResult:
         """Drop `release` (copying out the KV of those in `keep`), queue `admit` for prefill (a hit

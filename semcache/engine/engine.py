@@ -85,7 +85,7 @@ class MLXEngine:
         except Exception:
             # A failed step may leave the batch half-updated: start clean (the scheduler fails
             # every running sequence) rather than decode from a cache nobody can trust.
-            self.batcher = self._batcher(self.model, self.info)
+            self.batcher = self.batcher.restarted()
             raise
 
     def _batcher(self, model: Any, info: ModelInfo) -> Batcher:

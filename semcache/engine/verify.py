@@ -93,9 +93,11 @@ def decode(forward: Any, cache: list[Any], inputs: Any, rows: list[Row], sample=
     """One step for every row: (tokens each kept, the new inputs [B] not yet fed)."""
     out = Verified()
     drafts = [row.draft() for row in rows]
-    longest = best_width(drafts, [row.acceptance() for row in rows], cost.fixed() if cost else 0.0,
-                         critical(rows)) - 1
-    drafts = [d[:longest] for d in drafts]
+    longest = 0
+    if any(drafts):
+        longest = best_width(drafts, [row.acceptance() for row in rows], cost.fixed() if cost else 0.0,
+                             critical(rows)) - 1
+        drafts = [d[:longest] for d in drafts]
     started = time.perf_counter()
     if not longest:
         logits = forward(inputs[:, None], cache, last_logits=True)
@@ -147,10 +149,10 @@ def best_width(drafts: list[list[int]], acceptance: list[float], fixed: float, c
     a plain step's token. So with rows that cannot draft holding the batch, the step stays plain.
     """
     rows = len(drafts)
-    minor = rows / (fixed + rows)
-    best, best_rate = 1, rows / (fixed + rows)
+    plain = rows / (fixed + rows)  # a plain step's tokens per unit of cost: also a minor token's worth
+    best, best_rate = 1, plain
     for w in range(2, max(map(len, drafts), default=0) + 2):
-        made = sum(1 + (1 if c else minor) * (_expected(min(len(d), w - 1), a) - 1)
+        made = sum(1 + (1 if c else plain) * (_expected(min(len(d), w - 1), a) - 1)
                    for d, a, c in zip(drafts, acceptance, critical))
         rate = made / (fixed + rows * w)
         if rate > best_rate:
@@ -180,9 +182,7 @@ def _sampled_run(draft: list[int], logits: Any, row: Row) -> list[int]:
     every kept token is the sample plain decoding would have drawn with that key, a seed gives the
     same tokens with speculation on or off, whatever each step's width.
     """
-    kept = []
-    for n in range(len(draft) + 1):
-        kept.append(sample_row(logits[n : n + 1], row).item())
-        if n == len(draft) or kept[-1] != draft[n]:
-            return kept
+    kept = [sample_row(logits[:1], row).item()]
+    while len(kept) <= len(draft) and kept[-1] == draft[len(kept) - 1]:  # the draft so far held
+        kept.append(sample_row(logits[len(kept) : len(kept) + 1], row).item())
     return kept
