@@ -91,10 +91,12 @@ class Terminal:
         self.seen = ""
 
     def until(self, *texts: str, timeout: float = 30.0) -> str:
-        """Read until the latest frame holds every text; returns that frame."""
+        """Read until the latest whole frame (one the next frame's start follows, so that no read cut
+        it short) holds every text; returns that frame."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            frame = self.seen.rsplit("\x1b[H\x1b[2J", 1)[-1]
+            frames = self.seen.split("\x1b[H\x1b[2J")
+            frame = frames[-2] if len(frames) > 2 else ""
             if all(t in frame for t in texts):
                 return frame
             ready, _, _ = select.select([self.master], [], [], 0.2)
@@ -106,17 +108,21 @@ class Terminal:
         raise AssertionError(f"never saw {texts!r}; last output: {self.seen[-2000:]!r}")
 
     def close(self) -> int | None:
-        """Wait for the exit, read what it wrote last, and close the terminal."""
+        """Read everything it writes until it exits (a full terminal buffer would block its last frame,
+        and with it the `q` it has not read yet), then close the terminal."""
+        deadline = time.monotonic() + 60
         try:
-            code = self.proc.wait(timeout=15)
-            while select.select([self.master], [], [], 0.5)[0]:
-                chunk = os.read(self.master, 65536)
-                if not chunk:
-                    break
-                self.seen += chunk.decode(errors="replace")
-            return code
+            while time.monotonic() < deadline:
+                if select.select([self.master], [], [], 0.2)[0]:
+                    chunk = os.read(self.master, 65536)
+                    if chunk:
+                        self.seen += chunk.decode(errors="replace")
+                        continue
+                if self.proc.poll() is not None and not select.select([self.master], [], [], 0.2)[0]:
+                    return self.proc.returncode
+            return self.proc.poll()
         except OSError:  # EIO: the child's side is closed and everything was read
-            return self.proc.returncode
+            return self.proc.wait(timeout=15)
         finally:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
