@@ -22,5 +22,9 @@ def test_the_head_copy_is_kept_only_when_faster_and_logits_match_the_model(monke
     f = Forward(model)
     assert len(calls) == 2 and (f._head_t is not None) == copy_faster
     tokens = mx.array([[5, 9, 31, 7], [2, 8, 8, 100]])
-    assert mx.array_equal(f.every(tokens, None), model(tokens)).item()
+    hidden = model.model(tokens)
+    own = model.lm_head(hidden) if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear(hidden)
+    assert mx.array_equal(f.head(hidden), own).item()
+    # verify steps' attention (attention.py) agrees to float32 rounding
+    assert mx.allclose(f.every(tokens, None), model(tokens), rtol=1e-4, atol=1e-4).item()
 
