@@ -25,6 +25,6 @@ def test_the_head_copy_is_kept_only_when_faster_and_logits_match_the_model(monke
     hidden = model.model(tokens)
     own = model.lm_head(hidden) if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear(hidden)
     assert mx.array_equal(f.head(hidden), own).item()
-    # verify steps' attention (attention.py) agrees to float32 rounding
+    # verify steps' attention (fastexp.py) agrees to float32 rounding
     assert mx.allclose(f.every(tokens, None), model(tokens), rtol=1e-4, atol=1e-4).item()
 

@@ -1,6 +1,6 @@
 """The model's forward pass over prompt or decode tokens, as the batch (batch.py) runs it: logits only
 where they are sampled, and for the families whose head can be split off, through a transposed copy
-of the vocabulary projection, and verify steps through attention.py's attention. On the MLX thread only.
+of the vocabulary projection, and verify steps through fastexp.py's attention and SwiGLU. On the MLX thread only.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from semcache.engine import attention
+from semcache.engine import fastexp
 
 # Model families whose __call__ is exactly `head(model.model(x))`; others go through model(x).
 _SPLITTABLE = ("llama", "qwen2", "qwen3", "mistral")
@@ -23,7 +23,7 @@ class Forward:
         family = type(model).__module__.rsplit(".", 1)[-1]
         self._split = family in _SPLITTABLE and hasattr(model, "model")
         self._head_t = self._transposed_head() if self._split else None
-        attention.install(model)  # verify steps' attention on the CPU (attention.py)
+        fastexp.install(model)  # verify steps' attention and SwiGLU on the CPU (fastexp.py)
 
     def __call__(self, tokens: Any, cache: list[Any], last_logits: bool, positions: Any = None) -> Any:
         """Run the model on prompt tokens; logits at each row's `positions` (default: the last), or None."""
@@ -39,7 +39,7 @@ class Forward:
 
     def every(self, tokens: Any, cache: list[Any]) -> Any:
         """Run the model on tokens [B, L]; logits [B, L, V] at every position (speculative verification)."""
-        with attention.verifying():
+        with fastexp.verifying():
             if not self._split:
                 return self.model(tokens, cache=cache)
             return self.head(self.model.model(tokens, cache=cache))
