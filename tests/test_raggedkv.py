@@ -105,15 +105,16 @@ def test_rows_leave_and_join_a_ragged_batch_and_copy_out_exactly(model):
 
 def test_the_width_saves_the_most_step_cost():
     every = [True] * 8
+    CPU = 10.0  # a step's fixed part worth 10 fed tokens
     # One row, drafts accepted 90% of the time: a long draft pays for its fed tokens.
-    assert best_width([[1] * 6], [0.9], DEFAULT_FIXED, [True]) == 7
+    assert best_width([[1] * 6], [0.9], CPU, [True]) == 7
     # Eight rows on a CPU pay for each fed token: short drafts only.
-    assert best_width([[1] * 6] * 8, [0.9] * 8, DEFAULT_FIXED, every) in (3, 4, 5)
+    assert best_width([[1] * 6] * 8, [0.9] * 8, CPU, every) in (3, 4, 5)
     # Drafts rarely accepted, or nobody drafting: a plain step.
-    assert best_width([[1] * 6] * 8, [0.1] * 8, DEFAULT_FIXED, every) == 1
-    assert best_width([[], []], [0.9, 0.9], DEFAULT_FIXED, [True, True]) == 1
+    assert best_width([[1] * 6] * 8, [0.1] * 8, CPU, every) == 1
+    assert best_width([[], []], [0.9, 0.9], CPU, [True, True]) == 1
     # The batch waits for rows that cannot draft: faster drafting rows save it no step.
-    assert best_width([[1] * 6] * 4 + [[]] * 4, [0.95] * 8, DEFAULT_FIXED, [False] * 4 + [True] * 4) == 1
+    assert best_width([[1] * 6] * 4 + [[]] * 4, [0.95] * 8, CPU, [False] * 4 + [True] * 4) == 1
     # A step whose fixed part dominates (a GPU) verifies every draft whole.
     assert best_width([[1] * 6] * 8, [0.8] * 8, 500.0, every) == 7
 
@@ -125,13 +126,16 @@ def test_the_rows_the_batch_waits_for_are_those_with_the_most_steps_left():
     assert critical([fast, slow, unbounded]) == [False, False, True]
 
 
-def test_the_step_cost_is_learnt_from_the_steps_seen():
+def test_the_step_cost_is_learnt_per_batch_size_from_the_steps_seen():
     cost = StepCost()
-    for _ in range(40):  # seconds = 0.05 + 0.002 * tokens: the fixed part is worth 25 tokens
+    for _ in range(40):  # 8 rows: seconds = 0.05 + 0.002 * tokens, the fixed part worth 25 tokens
         for tokens in (8, 16, 32):
-            cost.observe(tokens, 0.05 + 0.002 * tokens)
-    assert cost.fixed() == pytest.approx(25.0, rel=1e-3)
-    same = StepCost()
+            cost.observe(8, tokens, 0.05 + 0.002 * tokens)
+        for tokens in (1, 2, 4):  # 1 row: 0.06 + 0.01 * tokens, worth 6
+            cost.observe(1, tokens, 0.06 + 0.01 * tokens)
+    assert cost.fixed(8) == pytest.approx(25.0, rel=1e-3) and cost.fixed(1) == pytest.approx(6.0, rel=1e-3)
+    assert cost.fixed(4) == DEFAULT_FIXED  # no steps of 4 rows yet: the measured default
     for _ in range(40):  # no spread in tokens fed: nothing to fit, the measured default
-        same.observe(8, 0.1)
-    assert same.fixed() == DEFAULT_FIXED
+        cost.observe(3, 3, 0.1)
+    assert cost.fixed(3) == DEFAULT_FIXED
+    assert StepCost(learn=False).fixed(8) == DEFAULT_FIXED

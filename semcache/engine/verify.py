@@ -95,7 +95,7 @@ def decode(forward: Any, cache: list[Any], inputs: Any, rows: list[Row], sample=
     drafts = [row.draft() for row in rows]
     longest = 0
     if any(drafts):
-        longest = best_width(drafts, [row.acceptance() for row in rows], cost.fixed() if cost else 0.0,
+        longest = best_width(drafts, [row.acceptance() for row in rows], cost.fixed(len(rows)) if cost else 0.0,
                              critical(rows)) - 1
         drafts = [d[:longest] for d in drafts]
     started = time.perf_counter()
@@ -104,7 +104,7 @@ def decode(forward: Any, cache: list[Any], inputs: Any, rows: list[Row], sample=
         inputs = sample(logits, rows)
         mx.eval(inputs)
         if cost is not None:
-            cost.observe(len(rows), time.perf_counter() - started)
+            cost.observe(len(rows), len(rows), time.perf_counter() - started)
         for row, token in zip(rows, inputs.tolist()):
             row.kept([token], 0)
             out[row.seq_id] = [token]
@@ -116,7 +116,7 @@ def decode(forward: Any, cache: list[Any], inputs: Any, rows: list[Row], sample=
     first = sample(logits[mx.array(plain), 0], [rows[i] for i in plain]) if plain else None
     mx.eval(greedy, first)
     if cost is not None:
-        cost.observe(len(rows) * (longest + 1), time.perf_counter() - started)
+        cost.observe(len(rows), len(rows) * (longest + 1), time.perf_counter() - started)
     greedy, first = greedy.tolist(), dict(zip(plain, first.tolist() if plain else []))
     for i, (row, draft) in enumerate(zip(rows, drafts)):
         if i in first:
