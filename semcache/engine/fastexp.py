@@ -69,18 +69,23 @@ def _fused(name: str, body: Any, *arrays: Any) -> Any:
     return fn(*arrays)
 
 
+def _shifted(s: Any, m: Any) -> Any:
+    return exp_nonpositive(s - m)
+
+
+def _swiglu(g: Any, v: Any) -> Any:
+    t = exp_nonpositive(-mx.abs(g))  # the sigmoid from exp(-|g|): the exp never sees a positive argument
+    return g * mx.where(g >= 0, 1.0, t) / (1.0 + t) * v
+
+
 def _shifted_exp(scores: Any, top: Any) -> Any:
     """exp(scores - top), fused."""
-    return _fused("exp", lambda s, m: exp_nonpositive(s - m), scores, top)
+    return _fused("exp", _shifted, scores, top)
 
 
 def swiglu(gate: Any, x: Any) -> Any:
-    """silu(gate) * x, the sigmoid from exp(-|gate|) so the exp never sees a positive argument."""
-    def body(g: Any, v: Any) -> Any:
-        t = exp_nonpositive(-mx.abs(g))
-        return g * mx.where(g >= 0, 1.0, t) / (1.0 + t) * v
-
-    return _fused("swiglu", body, gate, x)
+    """silu(gate) * x, fused."""
+    return _fused("swiglu", _swiglu, gate, x)
 
 
 def attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
@@ -100,7 +105,7 @@ def attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
         scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
     weights = _shifted_exp(scores, scores.max(-1, keepdims=True))
     out = weights.reshape(B, Hk, rep * L, S) @ v
-    return (out / weights.sum(-1).reshape(B, Hk, rep * L, 1)).reshape(B, Hq, L, D).astype(q.dtype)
+    return (out / weights.sum(-1).reshape(B, Hk, rep * L, 1)).reshape(B, Hq, L, D)
 
 
 @contextlib.contextmanager
