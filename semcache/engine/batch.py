@@ -20,18 +20,16 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from semcache.engine.batchkv import restore, snapshot
 from semcache.engine.raggedkv import RaggedKV
-from semcache.cache.entry import common_prefix
 from semcache.cache.kvdata import KVData
 from semcache.cache.layout import KVLayout
 from semcache.engine.forward import Forward
+from semcache.engine.grouping import short_group
 from semcache.engine.sampling import sample_batch
 from semcache.engine.types import Admission, StepResult
 from semcache.engine.stepcost import StepCost
 from semcache.engine.verify import Row, decode
 
 log = logging.getLogger("semcache.engine")
-# Below this many common tokens, a group is cheaper to prefill with plain left padding.
-MIN_SHARED_PREFIX = 16
 IDLE_GROUP_FACTOR = 4
 
 
@@ -55,13 +53,6 @@ class _Decoding:
     # One row: plain KVCaches (no mask, the exact single-sequence path, ~5% faster); more: BatchKVCaches.
     cache: list[Any] | None = None
     inputs: Any = None  # mx.array [B]: each row's latest token, reported, not yet fed to the model
-
-
-def _group_cost(size: int, longest: int, shared: int) -> int:
-    """Prompt tokens a group costs to prefill: the shared prefix once, the padded rest per row."""
-    if shared < MIN_SHARED_PREFIX:
-        return size * longest
-    return shared + size * (longest - shared)
 
 
 class Batcher:
@@ -213,20 +204,10 @@ class Batcher:
         return self._prefill_suffixes(group, cache, [p.admission.prompt_ids[p.done :] for p in group])
 
     def _prefill_shorts(self, shorts: list[_Prefill], budget: int) -> dict[int, int]:
-        """The first short prompt and as many following ones as fit `budget` (at least one)."""
-        first = shorts[0]
-        group, shared = [first], len(first.admission.prompt_ids) - 1
-        for p in shorts[1:]:
-            ids = p.admission.prompt_ids
-            lcp = min(shared, common_prefix(ids, first.admission.prompt_ids), len(ids) - 1)
-            members = group + [p]
-            longest = max(len(q.admission.prompt_ids) for q in members)
-            if _group_cost(len(members), longest, lcp) > budget:
-                break
-            group, shared = members, lcp
-        if len(group) == 1 or shared < MIN_SHARED_PREFIX:
-            return self._prefill_group(group)
-        return self._prefill_shared(group, shared)
+        """The first short prompt and as many following ones as fit `budget` (grouping.py)."""
+        size, shared = short_group([p.admission.prompt_ids for p in shorts], budget)
+        group = shorts[:size]
+        return self._prefill_shared(group, shared) if shared else self._prefill_group(group)
 
     def _prefill_one(self, p: _Prefill, chunk: int) -> dict[int, int]:
         """The next `chunk` tokens of a long prompt; on its last chunk it joins the decode batch."""
