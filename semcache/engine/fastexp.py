@@ -37,6 +37,7 @@ MAX_QUERIES = 16  # queries a row above this (prefill) keep mlx-lm's attention
 _KEEP = 16
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 split for an exact n * ln 2
+_ROUND = 12582912.0  # 1.5 * 2^23: (t + _ROUND) - _ROUND is t rounded to the nearest integer
 
 _state = threading.local()  # .on: a verify step is being built on this thread
 _compiled: OrderedDict[tuple, Any] = OrderedDict()  # (name, shapes) -> compiled function
@@ -45,9 +46,14 @@ _compiled: OrderedDict[tuple, Any] = OrderedDict()  # (name, shapes) -> compiled
 def exp_nonpositive(x: Any) -> Any:
     """exp(x) for float32 x <= 0: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial, 2^n
     written into the exponent bits. Below -87 it gives ~1.6e-38 instead of less (a masked score's
-    weight is then 1e-38 of the row's, below float32 resolution)."""
+    weight is then 1e-38 of the row's, below float32 resolution).
+
+    n is rounded by adding and subtracting 1.5 * 2^23 (exact for |n| < 2^22) rather than by floor:
+    mx.compile builds its CPU kernels with g++ -O3 and no -march, and without SSE4.1 g++ does not
+    vectorise a loop with floor in it; with the add it does (measured: 0.18 against 0.30 ms for a
+    verify step's 86,000 scores, 1.7x)."""
     x = mx.maximum(x, -87.0)
-    n = mx.floor(x * _LOG2E + 0.5)
+    n = (x * _LOG2E + _ROUND) - _ROUND
     r = x - n * _LN2_HI - n * _LN2_LO
     p = 1.9875691500e-4 * r + 1.3981999507e-3
     for c in (8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
