@@ -115,6 +115,9 @@ def test_the_width_saves_the_most_step_cost():
     assert best_width([[], []], [0.9, 0.9], CPU, [True, True]) == 1
     # The batch waits for rows that cannot draft: faster drafting rows save it no step.
     assert best_width([[1] * 6] * 4 + [[]] * 4, [0.95] * 8, CPU, [False] * 4 + [True] * 4) == 1
+    # ...unless a step's fixed part is large enough (8 rows at ~600 tokens here: ~30 fed tokens):
+    # a row that finishes sooner leaves cheaper steps behind it, so its long, likely drafts pay.
+    assert best_width([[1] * 6] * 4 + [[]] * 4, [0.95] * 8, 40.0, [False] * 4 + [True] * 4) > 1
     # A step whose fixed part dominates (a GPU) verifies every draft whole.
     assert best_width([[1] * 6] * 8, [0.8] * 8, 500.0, every) == 7
 
