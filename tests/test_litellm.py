@@ -104,7 +104,9 @@ def test_router_streaming_logs_the_usage_it_streamed(litellm, config):
         got = asyncio.run(go())
     finally:
         litellm.callbacks = saved
-    usage = got[0]["message"]["usage"] | next(e["usage"] for e in got if e["type"] == "message_delta")
+    kinds = [e.get("type") for e in got]
+    assert "message_start" in kinds and "message_delta" in kinds, got  # say what came, if not the answer
+    usage = got[kinds.index("message_start")]["message"]["usage"] | got[kinds.index("message_delta")]["usage"]
     assert Logged.payload is not None
     assert Logged.payload["response"] is not None
     assert Logged.payload["prompt_tokens"] == usage["input_tokens"]

@@ -153,9 +153,9 @@ def best_width(drafts: list[list[int]], acceptance: list[float], fixed: float, c
     and it may yet become the row the batch waits for, as its rate is only an estimate. Such a
     token counts MINOR_WORTH. In an in-process A/B on the perf workloads (8 rows of ~600 tokens,
     speculation off and on alternating), counting it half instead of only its fed token's share
-    (B / (fixed + B), ~0.2) was faster on 7 of 9 copy-heavy prompt sets and level on 2 (medians
-    1.33x and 1.42x of off, against 1.14x and 1.30x), and on free text 1.24x against 1.18x (one of
-    4 sets 0.92x against 1.00x); counting it whole lost on free text (1.13x). So with rows that
+    (B / (fixed + B), ~0.2) was faster on 7 of 9 copy-heavy prompt sets and level on 2 (median
+    1.49x of off against 1.32x), and on free text 1.24x against 1.18x (one of 4 sets 0.92x against
+    1.00x); counting it whole lost on free text (1.13x). So with rows that
     cannot draft holding the batch, the step stays plain unless the others' drafts are long and
     likely.
     """
