@@ -20,11 +20,10 @@ def short_group(prompts: list[list[int]], budget: int) -> tuple[int, int]:
     """(how many of `prompts` from the first fit `budget`, at least one; the prefix they all share,
     leaving each at least one token of its own, or 0 when too short to prefill once)."""
     first = prompts[0]
-    size, shared = 1, len(first) - 1
+    size, shared, longest = 1, len(first) - 1, len(first)
     for ids in prompts[1:]:
         lcp = min(shared, common_prefix(ids, first), len(ids) - 1)
-        longest = max(len(p) for p in prompts[: size + 1])
-        if group_cost(size + 1, longest, lcp) > budget:
+        if group_cost(size + 1, max(longest, len(ids)), lcp) > budget:
             break
-        size, shared = size + 1, lcp
+        size, shared, longest = size + 1, lcp, max(longest, len(ids))
     return size, shared if size > 1 and shared >= MIN_SHARED_PREFIX else 0

@@ -155,9 +155,8 @@ def best_width(drafts: list[list[int]], acceptance: list[float], fixed: float, c
     speculation off and on alternating), counting it half instead of only its fed token's share
     (B / (fixed + B), ~0.2) was faster on 7 of 9 copy-heavy prompt sets and level on 2 (median
     1.49x of off against 1.32x), and on free text 1.24x against 1.18x (one of 4 sets 0.92x against
-    1.00x); counting it whole lost on free text (1.13x). So with rows that
-    cannot draft holding the batch, the step stays plain unless the others' drafts are long and
-    likely.
+    1.00x); counting it whole lost on free text (1.13x). So with rows that cannot draft holding the
+    batch, the step stays plain unless the others' drafts are long and likely.
     """
     rows = len(drafts)
     best, best_rate = 1, rows / (fixed + rows)  # a plain step's tokens per unit of cost
